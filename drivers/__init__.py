@@ -1,0 +1,1 @@
+"""Device drivers: one module per device profile, pure codecs under drivers.codec."""

@@ -1,0 +1,1 @@
+"""Pure encode/decode of Bluetooth health characteristics (no I/O)."""
