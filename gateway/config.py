@@ -1,0 +1,196 @@
+"""The hub's configuration: TOML, validated by pydantic, with errors that name the key."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# A BLE address as BlueZ prints it; simulated devices use the same form.
+ADDRESS_RE = re.compile(r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$")
+# Topic levels and ids go into MQTT topics: no wildcards, separators or spaces.
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and what is wrong."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HubConfig(_Section):
+    """Who this hub is and where it keeps its state."""
+
+    id: Annotated[str, Field(pattern=ID_RE.pattern)]
+    timezone: str = "UTC"
+    data_dir: Path = Path("/var/lib/rpm-gateway")
+    # Whether the hub clock may be trusted to stamp readings and set device clocks.
+    # None: ask the kernel whether NTP has synchronised it (a Pi has no RTC).
+    trust_clock: bool | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown IANA time zone {v!r}") from e
+        return v
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The patient's home time zone: device clocks show local wall-clock time."""
+        return ZoneInfo(self.timezone)
+
+
+class TlsConfig(_Section):
+    """TLS to the broker; a client certificate and key make it mutual TLS."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure_skip_verify: bool = False
+
+
+class MqttConfig(_Section):
+    """Where readings go and how the uplink behaves."""
+
+    host: str = "localhost"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]{1,128}$")] = "rpm"
+    client_id: str | None = None
+    username: str | None = None
+    # The password lives in its own file (mode 0600) so the config can be shown and shared.
+    password_file: Path | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 60
+    inflight: Annotated[int, Field(ge=1, le=1000)] = 20
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 1.0
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 300.0
+    publish_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    tls: TlsConfig | None = None
+
+
+class OutboxConfig(_Section):
+    """The on-disk store-and-forward queue and what happens when it is full."""
+
+    path: Path | None = None  # default: <hub.data_dir>/outbox.db
+    max_pending: Annotated[int, Field(ge=100)] = 100_000
+    max_pending_age_days: Annotated[int, Field(ge=1)] = 365
+    when_full: Literal["reject_new", "drop_oldest"] = "reject_new"
+    # Delivered readings are kept (not re-published) for de-duplication and days-with-data.
+    keep_delivered_days: Annotated[int, Field(ge=31)] = 90
+
+
+class SimulatedDeviceConfig(_Section):
+    """A device on the virtual radio (development and demo only)."""
+
+    profile: Literal["weight_scale", "blood_pressure"]
+    address: Annotated[str, Field(pattern=ADDRESS_RE.pattern)]
+    name: str | None = None
+    readings: Annotated[int, Field(ge=0, le=10_000)] = 3
+    interval_s: Annotated[float, Field(gt=0)] = 2.0
+    bonding_required: bool = False
+    clock_offset_s: float = 0.0
+
+
+class RadioConfig(_Section):
+    """Which Bluetooth radio the agent uses."""
+
+    kind: Literal["bluez", "virtual"] = "bluez"
+    adapter: str | None = None  # e.g. "hci1"; None = the system default
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+    operation_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # A hard deadline for one whole device session: a wedged stack must not hang the agent.
+    session_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    quiet_s: Annotated[float, Field(gt=0)] = 5.0
+    connect_attempts: Annotated[int, Field(ge=1, le=10)] = 4
+    simulated: tuple[SimulatedDeviceConfig, ...] = ()
+
+
+class DeviceBinding(_Section):
+    """A paired device bound to a patient: the allowlist entry."""
+
+    address: Annotated[str, Field(pattern=ADDRESS_RE.pattern)]
+    patient_id: Annotated[str, Field(pattern=ID_RE.pattern)]
+    driver: str | None = None  # None: chosen by the driver registry from the advertisement
+    user_index: int | None = None  # the device's user slot for this patient, if it has slots
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+
+class GatewayConfig(_Section):
+    """The whole configuration file."""
+
+    hub: HubConfig
+    mqtt: MqttConfig = MqttConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    radio: RadioConfig = RadioConfig()
+    devices: tuple[DeviceBinding, ...] = ()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def outbox_path(self) -> Path:
+        """Where the outbox database lives."""
+        return self.outbox.path or self.hub.data_dir / "outbox.db"
+
+    @field_validator("devices")
+    @classmethod
+    def _unique_addresses(cls, v: tuple[DeviceBinding, ...]) -> tuple[DeviceBinding, ...]:
+        seen: set[str] = set()
+        for d in v:
+            if d.address in seen:
+                raise ValueError(f"device {d.address} is listed twice")
+            seen.add(d.address)
+        return v
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (misspelt?)"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = len(err.errors()) - 1
+    return f"{key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
+    """Validate TOML text; raises ConfigError naming the key and what is wrong."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from e
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from e
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read and validate a config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    return parse_config(text, str(path))
+
+
+def read_password(cfg: MqttConfig) -> str | None:
+    """The broker password from its file, without a trailing newline."""
+    if cfg.password_file is None:
+        return None
+    try:
+        return cfg.password_file.read_text(encoding="utf-8").rstrip("\n")
+    except OSError as e:
+        raise ConfigError(f"mqtt.password_file: cannot read {cfg.password_file}: {e.strerror}") from e

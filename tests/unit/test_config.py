@@ -1,0 +1,68 @@
+"""Config: the example is valid, and every error names the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = '[hub]\nid = "hub-1"\n'
+
+
+def test_example_config_is_valid() -> None:
+    cfg = load_config(ROOT / "config" / "gateway.example.toml")
+    assert cfg.hub.id == "hub-0001"
+    assert cfg.radio.kind == "bluez"
+    assert [d.patient_id for d in cfg.devices] == ["patient-0001", "patient-0001"]
+
+
+def test_defaults() -> None:
+    cfg = parse_config(MINIMAL)
+    assert cfg.mqtt.port == 1883
+    assert cfg.outbox.when_full == "reject_new"
+    assert cfg.outbox_path == Path("/var/lib/rpm-gateway/outbox.db")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "hub: required key is missing"),
+        ('[hub]\nid = "has space"\n', "hub.id:"),
+        (MINIMAL + "[mqtt]\nport = 70000\n", "mqtt.port:"),
+        (MINIMAL + "[mqtt]\nprot = 1\n", "mqtt.prot: unknown key"),
+        ('[hub]\nid = "h"\ntimezone = "Mars/Olympus"\n', "hub.timezone:"),
+        (MINIMAL + '[[devices]]\naddress = "nope"\npatient_id = "p"\n', "devices.0.address:"),
+        (MINIMAL + '[[devices]]\naddress = "AA:BB:CC:DD:EE:FF"\npatient_id = "p"\n'
+         '[[devices]]\naddress = "aa:bb:cc:dd:ee:ff"\npatient_id = "q"\n', "listed twice"),
+        ("[hub\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "gw.toml")
+    assert fragment in str(e.value)
+    assert str(e.value).startswith("gw.toml:")
+
+
+def test_cli_config_error_exit_78_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "gw.toml"
+    bad.write_text(MINIMAL + "[mqtt]\nport = 0\n")
+    for argv in (["run", "--config", str(bad)], ["config", "check", str(bad)]):
+        p = subprocess.run([sys.executable, "-m", "gateway.cli", *argv],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 78
+        assert "mqtt.port" in p.stderr
+        assert "Traceback" not in p.stderr
+
+
+def test_cli_config_check_ok() -> None:
+    p = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check",
+                        str(ROOT / "config" / "gateway.example.toml")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "OK" in p.stdout
