@@ -1,0 +1,56 @@
+"""Time rules: which clock a reading's time comes from; reading ids."""
+
+from __future__ import annotations
+
+import datetime as dt
+from zoneinfo import ZoneInfo
+
+from gateway.timebase import reading_id, resolve_measured_at
+
+CHICAGO = ZoneInfo("America/Chicago")
+RECEIVED = dt.datetime(2025, 3, 14, 13, 0, tzinfo=dt.UTC)
+
+
+def test_no_device_time_uses_receipt() -> None:
+    assert resolve_measured_at(None, None, RECEIVED, CHICAGO) == (RECEIVED, "hub_receipt")
+
+
+def test_device_local_time_converted_to_utc() -> None:
+    # 07:52:10 CDT (UTC-5 after the 2025-03-09 change) is 12:52:10 UTC.
+    t, src = resolve_measured_at(dt.datetime(2025, 3, 14, 7, 52, 10), None, RECEIVED, CHICAGO)
+    assert (t, src) == (dt.datetime(2025, 3, 14, 12, 52, 10, tzinfo=dt.UTC), "device_clock")
+
+
+def test_offset_corrects_a_fast_clock() -> None:
+    t, src = resolve_measured_at(dt.datetime(2025, 3, 14, 7, 57, 10), 300.0, RECEIVED, CHICAGO)
+    assert (t, src) == (dt.datetime(2025, 3, 14, 12, 52, 10, tzinfo=dt.UTC),
+                        "device_clock_corrected")
+
+
+def test_epoch_clock_is_not_believed() -> None:
+    # A Mi scale with a never-set clock says 1970 (health-devices.md §8.3).
+    assert resolve_measured_at(dt.datetime(1970, 5, 4, 15, 2), None, RECEIVED, CHICAGO) == (
+        RECEIVED, "hub_receipt")
+
+
+def test_future_clock_is_not_believed() -> None:
+    future = dt.datetime(2025, 3, 20, 7, 0)
+    assert resolve_measured_at(future, None, RECEIVED, CHICAGO)[1] == "hub_receipt"
+
+
+def test_reading_id_is_stable_and_specific() -> None:
+    raw = bytes.fromhex("1E80005200610 0E907030E07340A4000010400".replace(" ", ""))
+    a = reading_id("aa:bb:cc:dd:ee:ff", "2A35", raw, received_at=None)
+    assert a == reading_id("AA:BB:CC:DD:EE:FF", "2a35", raw, received_at=None)
+    assert len(a) == 32
+    assert a != reading_id("AA:BB:CC:DD:EE:00", "2a35", raw, received_at=None)
+    assert a != reading_id("AA:BB:CC:DD:EE:FF", "2a35", raw[:-1] + b"\x01", received_at=None)
+
+
+def test_reading_id_without_timestamp_includes_receipt_second() -> None:
+    # Two byte-identical weighings without a time stamp are two readings (openScale PR #1512).
+    raw = bytes.fromhex("00B036")
+    first = reading_id("AA:BB:CC:DD:EE:FF", "2a9d", raw, received_at=RECEIVED)
+    later = reading_id("AA:BB:CC:DD:EE:FF", "2a9d", raw,
+                       received_at=RECEIVED + dt.timedelta(minutes=5))
+    assert first != later
