@@ -1,0 +1,128 @@
+"""What every driver produces and promises: the decoded measurement and the driver protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from bleak import BleakClient
+    from bleak.backends.device import BLEDevice
+    from bleak.backends.scanner import AdvertisementData
+
+Kind = Literal["blood_pressure", "body_weight"]
+
+STATUS_FLAGS = (
+    "body_movement",
+    "cuff_loose",
+    "irregular_pulse",
+    "pulse_above_range",
+    "pulse_below_range",
+    "improper_position",
+)
+
+
+class Observation(BaseModel):
+    """One coded value: LOINC code, UCUM unit, in the unit the device sent (null when not a number)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: str = Field(description="LOINC code")
+    name: str
+    value: float | None = Field(description="null for NaN, NRes, infinities or reserved values")
+    unit: str = Field(description="UCUM unit")
+
+
+class Measurement(BaseModel):
+    """One decoded measurement as the device sent it, before the hub adds identity and time."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Kind
+    observations: tuple[Observation, ...]
+    status: tuple[str, ...] = ()
+    valid: bool = True
+    device_time: dt.datetime | None = Field(
+        default=None, description="device clock as sent, naive local time; null if absent/unknown"
+    )
+    user_index: int | None = None
+    characteristic: str = Field(description="16-bit UUID of the characteristic, e.g. '2a35'")
+    raw: bytes = Field(exclude=True)
+
+
+class DriverError(Exception):
+    """A device did not behave as its profile says; the message is for a person."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Strings read once from the Device Information Service (None where absent)."""
+
+    manufacturer: str | None = None
+    model: str | None = None
+    serial: str | None = None
+    firmware: str | None = None
+    system_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ClockCheck:
+    """The device clock as read at connection, against the hub's UTC clock at the same moment."""
+
+    device_time: dt.datetime | None
+    hub_time: dt.datetime
+    offset_s: float | None
+    set_ok: bool
+
+
+MeasurementSink = Callable[[Measurement], Awaitable[None]]
+"""Commits a measurement to disk; returns only once it is durable."""
+
+
+class Driver(Protocol):
+    """A device profile: how to recognise the device and how to hold the conversation with it."""
+
+    name: str
+    version: str
+
+    def matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
+        """True when this driver speaks to the advertised device."""
+        ...
+
+    async def collect(
+        self, client: BleakClient, sink: MeasurementSink, hooks: SessionHooks
+    ) -> None:
+        """Run one connection: identity, clock, measurements until the device is done."""
+        ...
+
+
+class SessionHooks(Protocol):
+    """What a driver reports back to the session besides measurements."""
+
+    link_lost: asyncio.Event
+    """Set when the device drops the link."""
+
+    def device_info(self, info: DeviceInfo) -> None:
+        """The device's identity strings, once per connection."""
+        ...
+
+    def clock(self, check: ClockCheck) -> None:
+        """The device clock as found at connection and whether it was set."""
+        ...
+
+    def rejected(self, characteristic: str, raw: bytes, reason: str) -> None:
+        """Bytes that did not decode: counted, logged at debug level."""
+        ...
+
+    def hub_clock_trusted(self) -> bool:
+        """Whether the hub's own clock is synchronised, so it may set device clocks."""
+        ...
+
+    def local_now(self) -> dt.datetime:
+        """The hub's local wall-clock time (naive), as devices expect it."""
+        ...

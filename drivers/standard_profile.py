@@ -1,0 +1,216 @@
+"""The conversation every SIG health-profile device shares (health-devices.md §8.5 item 3).
+
+connect (done by the session) → identity from Device Information → read the device clock,
+record its offset, set it → subscribe to measurement indications → hand each decoded
+measurement to the sink (which commits it) → stop when the device leaves or goes quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bleak.exc import BleakError, BleakGATTProtocolError, BleakGATTProtocolErrorCode
+
+from drivers import uuids
+from drivers.base import ClockCheck, DeviceInfo, Measurement, MeasurementSink, SessionHooks
+from drivers.codec.date_time import (
+    CurrentTime,
+    DateTime,
+    decode_current_time,
+    decode_date_time,
+    encode_current_time,
+    encode_date_time,
+)
+from drivers.codec.device_info import decode_string, decode_system_id
+from drivers.codec.errors import DecodeError
+
+if TYPE_CHECKING:
+    from bleak import BleakClient
+    from bleak.backends.characteristic import BleakGATTCharacteristic
+    from bleak.backends.device import BLEDevice
+    from bleak.backends.scanner import AdvertisementData
+
+log = logging.getLogger(__name__)
+
+# One GATT operation; bleak's BlueZ backend has no timeout of its own on reads and writes
+# (hass-omron #110, field-lessons.md §3.2).
+OPERATION_TIMEOUT_S = 10.0
+# Wait after the last indication before we end the session ourselves; most devices
+# disconnect first (derdilla survey, obniz; health-devices.md §8.4).
+QUIET_S = 5.0
+# A set clock that reads back further off than this was not really set (hass-omron #190).
+CLOCK_SET_TOLERANCE_S = 5.0
+
+_AUTH_CODES = {
+    BleakGATTProtocolErrorCode.INSUFFICIENT_AUTHENTICATION,
+    BleakGATTProtocolErrorCode.INSUFFICIENT_ENCRYPTION,
+    BleakGATTProtocolErrorCode.INSUFFICIENT_ENCRYPTION_KEY_SIZE,
+}
+
+
+def needs_pairing(err: BaseException) -> bool:
+    """Whether a GATT error means the link must be encrypted (bonded) first."""
+    if isinstance(err, BleakGATTProtocolError):
+        return err.code in _AUTH_CODES
+    text = str(err).lower()
+    return "authentication" in text or "encryption" in text
+
+
+class _DeviceLeft(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class StandardProfileDriver:
+    """A SIG profile device: matched by its service UUID, read through indications."""
+
+    name: str
+    version: str
+    service: int
+    measurement: int
+    decode: Callable[[bytes], Measurement]
+    op_timeout_s: float = OPERATION_TIMEOUT_S
+    quiet_s: float = QUIET_S
+
+    def matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
+        """True when the advertisement lists this profile's service."""
+        return uuids.full(self.service) in {u.lower() for u in adv.service_uuids}
+
+    async def collect(self, client: BleakClient, sink: MeasurementSink, hooks: SessionHooks) -> None:
+        """One connection: identity, clock, then measurements until the device is done."""
+        hooks.device_info(await self._device_info(client))
+        # Clock before subscribing: the subscription is what makes many devices start sending
+        # (A&D sample, health-devices.md §2.5 gateway rule).
+        hooks.clock(await self._clock(client, hooks))
+        await self._subscribe_and_drain(client, sink, hooks)
+
+    # -- identity ---------------------------------------------------------------------------
+
+    async def _read(self, client: BleakClient, uuid16: int) -> bytes | None:
+        if client.services.get_characteristic(uuids.full(uuid16)) is None:
+            return None
+        async with asyncio.timeout(self.op_timeout_s):
+            return bytes(await client.read_gatt_char(uuids.full(uuid16)))
+
+    async def _device_info(self, client: BleakClient) -> DeviceInfo:
+        fields: dict[str, str | None] = {}
+        for key, uuid16 in (("manufacturer", uuids.MANUFACTURER_NAME),
+                            ("model", uuids.MODEL_NUMBER),
+                            ("serial", uuids.SERIAL_NUMBER),
+                            ("firmware", uuids.FIRMWARE_REVISION),
+                            ("system_id", uuids.SYSTEM_ID)):
+            try:
+                raw = await self._read(client, uuid16)
+                decode = decode_system_id if uuid16 == uuids.SYSTEM_ID else decode_string
+                fields[key] = None if raw is None else decode(raw)
+            except (BleakError, DecodeError, TimeoutError) as e:
+                # Identity strings are nice to have; a device that refuses one still measures.
+                log.debug("device information 0x%04x unreadable: %s", uuid16, e)
+                fields[key] = None
+        return DeviceInfo(**fields)
+
+    # -- clock ------------------------------------------------------------------------------
+
+    async def _clock(self, client: BleakClient, hooks: SessionHooks) -> ClockCheck:
+        hub_utc = dt.datetime.now(dt.UTC)
+        device_time: dt.datetime | None = None
+        offset: float | None = None
+        set_ok = False
+        has_cts = client.services.get_characteristic(uuids.full(uuids.CURRENT_TIME)) is not None
+        has_dt = client.services.get_characteristic(uuids.full(uuids.DATE_TIME)) is not None
+        try:
+            raw = await self._read(client, uuids.CURRENT_TIME if has_cts else uuids.DATE_TIME)
+            if raw is not None:
+                stamp = decode_current_time(raw).date_time if has_cts else decode_date_time(raw)
+                device_time = stamp.to_datetime()
+                if device_time is not None:
+                    offset = (device_time - hooks.local_now()).total_seconds()
+        except (BleakError, DecodeError, TimeoutError) as e:
+            log.debug("device clock unreadable: %s", e)
+        if (has_cts or has_dt) and hooks.hub_clock_trusted():
+            set_ok = await self._set_clock(client, hooks, use_cts=has_cts)
+        return ClockCheck(device_time=device_time, hub_time=hub_utc, offset_s=offset, set_ok=set_ok)
+
+    async def _set_clock(self, client: BleakClient, hooks: SessionHooks, *, use_cts: bool) -> bool:
+        now = hooks.local_now()
+        uuid16 = uuids.CURRENT_TIME if use_cts else uuids.DATE_TIME
+        value = (encode_current_time(CurrentTime.from_datetime(now)) if use_cts
+                 else encode_date_time(DateTime.from_datetime(now)))
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                await client.write_gatt_char(uuids.full(uuid16), value, response=True)
+            raw = await self._read(client, uuid16)
+        except (BleakError, TimeoutError) as e:
+            log.info("device refused the clock write: %s", e)
+            return False
+        if raw is None:
+            return False
+        try:
+            stamp = decode_current_time(raw).date_time if use_cts else decode_date_time(raw)
+        except DecodeError:
+            return False
+        readback = stamp.to_datetime()
+        if readback is None:
+            return False
+        return abs((readback - hooks.local_now()).total_seconds()) <= CLOCK_SET_TOLERANCE_S
+
+    # -- measurements -----------------------------------------------------------------------
+
+    async def _subscribe_and_drain(
+        self, client: BleakClient, sink: MeasurementSink, hooks: SessionHooks
+    ) -> None:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def on_value(_: BleakGATTCharacteristic, data: bytearray) -> None:
+            queue.put_nowait(bytes(data))
+
+        await self._start_notify(client, on_value)
+        watch = asyncio.create_task(self._watch_link(hooks.link_lost, queue))
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.quiet_s):
+                        data = await queue.get()
+                except TimeoutError:
+                    return
+                if data is None:
+                    return
+                try:
+                    measurement = self.decode(data)
+                except DecodeError as e:
+                    hooks.rejected(f"{self.measurement:04x}", data, str(e))
+                    continue
+                await sink(measurement)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    async def _start_notify(self, client: BleakClient, callback: Callable[
+            [BleakGATTCharacteristic, bytearray], None]) -> None:
+        target = uuids.full(self.measurement)
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                await client.start_notify(target, callback)
+        except BleakError as e:
+            if not needs_pairing(e):
+                raise
+            # The CCCD of a medical measurement usually needs an encrypted link (§6):
+            # bond, then subscribe again.
+            log.info("device requires bonding; pairing")
+            async with asyncio.timeout(self.op_timeout_s * 3):
+                await client.pair()
+            async with asyncio.timeout(self.op_timeout_s):
+                await client.start_notify(target, callback)
+
+    @staticmethod
+    async def _watch_link(link_lost: asyncio.Event, queue: asyncio.Queue[bytes | None]) -> None:
+        # Values already queued stay ahead of the end marker, so nothing received is dropped.
+        await link_lost.wait()
+        queue.put_nowait(None)
