@@ -1,0 +1,109 @@
+"""The `rpm-gateway` command: run the agent, the demo, and the tools a technician uses."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import ConfigError, load_config
+
+# sysexits.h: the codes systemd and shell scripts understand.
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_SOFTWARE = 70
+EX_CONFIG = 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rpm-gateway",
+        description="Reads Bluetooth LE medical devices and delivers every reading over MQTT.",
+    )
+    p.add_argument("--version", action="version", version=f"rpm-gateway {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
+    run.add_argument("--config", type=Path, default=Path("/etc/rpm-gateway/gateway.toml"))
+
+    demo = sub.add_parser("demo", help="simulated scale and cuff, local broker, agent, subscriber")
+    demo.add_argument("--json", action="store_true", help="print the payloads instead of a table")
+    demo.add_argument("--readings", type=int, default=3, help="readings per device (default 3)")
+    demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many s")
+
+    dec = sub.add_parser("decode", help="decode one raw characteristic value to JSON")
+    dec.add_argument("characteristic", help="UUID: 2a35, 0x2A35 or the 128-bit form")
+    dec.add_argument("hex", nargs="+", help="the value's bytes in hex, e.g. '1E 80 00 52 00 ...'")
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = cfg_sub.add_parser("check", help="validate a config file")
+    check.add_argument("path", type=Path, nargs="?", default=Path("/etc/rpm-gateway/gateway.toml"))
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from drivers.codec.errors import DecodeError  # noqa: PLC0415
+    from gateway.decode_cli import UsageError, decode_to_json  # noqa: PLC0415
+
+    try:
+        print(decode_to_json(args.characteristic, " ".join(args.hex)))
+    except UsageError as e:
+        print(f"rpm-gateway decode: {e}", file=sys.stderr)
+        return EX_USAGE
+    except DecodeError as e:
+        print(f"rpm-gateway decode: bad bytes: {e}", file=sys.stderr)
+        return EX_DATAERR
+    return EX_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    from gateway.agent import Agent  # noqa: PLC0415
+
+    _setup_logging(cfg.log_level)
+    asyncio.run(Agent(cfg).run())
+    return EX_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo  # noqa: PLC0415
+
+    _setup_logging("warning")
+    return asyncio.run(run_demo(json_out=args.json, readings=args.readings, timeout=args.timeout))
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.path)
+    print(f"{args.path}: OK: hub {cfg.hub.id}, radio {cfg.radio.kind}, "
+          f"{len(cfg.devices)} paired device(s), broker {cfg.mqtt.host}:{cfg.mqtt.port}")
+    return EX_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status (sysexits codes)."""
+    args = _parser().parse_args(argv)
+    handlers = {"decode": _cmd_decode, "run": _cmd_run, "demo": _cmd_demo, "config": _cmd_config}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as e:
+        print(f"rpm-gateway: configuration error: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
