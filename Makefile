@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: venv demo test lint typecheck unit mosquitto schema clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "rpm-gateway needs Python 3.11 or newer (found $$($(PYTHON) --version))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --editable '.[dev]'
+	@touch $@
+
+demo: venv
+	$(BIN)/rpm-gateway demo
+
+test: venv mosquitto lint typecheck
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check gateway drivers tests
+
+typecheck: venv
+	$(BIN)/mypy gateway drivers
+
+# The integration tests need a real mosquitto; install it from Debian when we can.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing mosquitto with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
+	else \
+	  echo "mosquitto is needed for the tests: sudo apt-get install mosquitto"; exit 1; \
+	fi
+
+# Regenerate the published JSON Schema of the payload after changing gateway/models.py.
+schema: venv
+	$(BIN)/python -c 'from gateway.models import reading_json_schema as s; print(s(), end="")' \
+	  > schema/reading-1.json
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
