@@ -1,0 +1,5 @@
+"""The one error every codec raises for bytes it cannot decode."""
+
+
+class DecodeError(ValueError):
+    """Bytes that do not form a valid value of the characteristic; the message says what is wrong."""
