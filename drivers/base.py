@@ -87,8 +87,15 @@ MeasurementSink = Callable[[Measurement], Awaitable[None]]
 class Driver(Protocol):
     """A device profile: how to recognise the device and how to hold the conversation with it."""
 
-    name: str
-    version: str
+    @property
+    def name(self) -> str:
+        """Unique driver name, as used in config and payloads."""
+        ...
+
+    @property
+    def version(self) -> str:
+        """Driver version, carried in every payload."""
+        ...
 
     def matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
         """True when this driver speaks to the advertised device."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from drivers.base import Kind, Observation
 
-SCHEMA_ID = "rpm-gateway/reading/1"
+SCHEMA_ID: Final = "rpm-gateway/reading/1"
 
 TimeSource = Literal["device_clock", "device_clock_corrected", "hub_receipt"]
 

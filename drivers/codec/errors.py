@@ -2,4 +2,4 @@
 
 
 class DecodeError(ValueError):
-    """Bytes that do not form a valid value of the characteristic; the message says what is wrong."""
+    """Bytes that are not a valid value of the characteristic; the message says what is wrong."""
