@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rpm-gateway: configuration error: {e}", file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
+        return EX_OK
+    except BrokenPipeError:
+        # `rpm-gateway demo --json | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EX_OK
 
 

@@ -1,0 +1,221 @@
+"""The agent: wires radio, sessions, outbox and uplink under one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import signal
+from collections.abc import Callable
+
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementData
+
+from drivers import registry as drivers
+from drivers.base import Driver, Measurement
+from gateway.ble.radio import Radio, open_radio
+from gateway.ble.session import SessionContext, SessionError, run_session
+from gateway.config import DeviceBinding, GatewayConfig
+from gateway.intake import build_reading, commit
+from gateway.outbox import Outbox, OutboxError, PutResult
+from gateway.registry import Pairings
+from gateway.status import HubStatus
+from gateway.timebase import hub_clock_synced
+from gateway.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+# A device keeps advertising for a moment after it disconnects; don't chase that echo.
+RECONNECT_COOLDOWN_S = 2.0
+HOUSEKEEPING_INTERVAL_S = 60.0
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to end it cleanly."""
+
+
+class Agent:
+    """Owns the long-lived tasks; `run()` returns when `stop()` is called or a signal arrives."""
+
+    def __init__(self, cfg: GatewayConfig, *, clock_synced: Callable[[], bool] | None = None) -> None:
+        self.cfg = cfg
+        self.pairings = Pairings(cfg.devices)
+        self.status = HubStatus(hub_id=cfg.hub.id)
+        trust = cfg.hub.trust_clock
+        self._clock_synced = clock_synced or (hub_clock_synced if trust is None else lambda: trust)
+        self._stop = asyncio.Event()
+        self._active: set[str] = set()
+        self._cooldown_until: dict[str, float] = {}
+        self._wanted: asyncio.Queue[tuple[BLEDevice, AdvertisementData]] = asyncio.Queue()
+        self.outbox: Outbox | None = None
+        self.uplink: Uplink | None = None
+
+    def stop(self) -> None:
+        """Ask the agent to finish: sessions are cancelled, committed readings stay committed."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether stop() was called (or a signal arrived)."""
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        """Run until stopped."""
+        drivers.check_unique_names()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        log.info("agent starting: hub %s, radio %s, %d paired device(s)",
+                 self.cfg.hub.id, self.cfg.radio.kind, len(self.pairings))
+        try:
+            async with open_radio(self.cfg.radio) as radio, \
+                    Outbox(self.cfg.outbox_path, self.cfg.outbox) as outbox:
+                self.outbox = outbox
+                self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self.status.as_dict)
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self.uplink.run(), name="uplink")
+                        tg.create_task(self._scan(radio), name="scanner")
+                        tg.create_task(self._dispatch(radio, tg), name="dispatch")
+                        tg.create_task(self._housekeeping(outbox), name="housekeeping")
+                        await self._stop.wait()
+                        raise _Stop
+                except* _Stop:
+                    pass
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+        log.info("agent stopped")
+
+    # -- scanning and dispatch --------------------------------------------------------------
+
+    def _on_advertisement(self, device: BLEDevice, adv: AdvertisementData) -> None:
+        address = device.address.upper()
+        if self.pairings.lookup(address) is None:
+            self.status.saw_unknown(address)
+            return
+        self.status.device(address).last_seen = _now()
+        if address in self._active:
+            return
+        if asyncio.get_running_loop().time() < self._cooldown_until.get(address, 0.0):
+            return
+        self._active.add(address)
+        self._wanted.put_nowait((device, adv))
+
+    async def _scan(self, radio: Radio) -> None:
+        scanner = radio.scanner(self._on_advertisement)
+        async with scanner:
+            await asyncio.Event().wait()
+
+    async def _dispatch(self, radio: Radio, tg: asyncio.TaskGroup) -> None:
+        while True:
+            device, adv = await self._wanted.get()
+            address = device.address.upper()
+            binding = self.pairings.lookup(address)
+            driver = self._driver_for(device, adv, binding)
+            if binding is None or driver is None:
+                self._active.discard(address)
+                continue
+            tg.create_task(self._session(radio, device, binding, driver), name=f"session {address}")
+
+    def _driver_for(self, device: BLEDevice, adv: AdvertisementData,
+                    binding: DeviceBinding | None) -> Driver | None:
+        try:
+            if binding is not None and binding.driver:
+                return drivers.by_name(binding.driver)
+            found = drivers.match(device, adv)
+        except (KeyError, drivers.AmbiguousDriverError) as e:
+            log.error("%s: %s", device.address, e)
+            return None
+        if found is None:
+            log.warning("%s is paired but no driver recognises its advertisement", device.address)
+        return found
+
+    async def _session(self, radio: Radio, device: BLEDevice, binding: DeviceBinding,
+                       driver: Driver) -> None:
+        address = device.address.upper()
+        entry = self.status.device(address)
+        synced = self._clock_synced()
+        self.status.hub_clock_synced = synced
+        ctx = SessionContext(zone_now=self._local_now, clock_trusted=lambda: synced,
+                             on_reject=self._rejected)
+
+        async def handle(m: Measurement, c: SessionContext) -> None:
+            await self._commit(m, c, address, binding, driver, synced)
+
+        try:
+            stats = await run_session(radio, device, binding, driver, self.cfg.radio, ctx, handle)
+            entry.sessions_ok += 1
+            entry.last_error = None
+            entry.clock_offset_s = stats.clock.offset_s if stats.clock else None
+            entry.clock_set = stats.clock.set_ok if stats.clock else None
+            log.info("%s: session done (%d stored, %d already had, %d undecodable)",
+                     address, stats.stored, stats.duplicates, stats.rejected)
+        except SessionError as e:
+            entry.sessions_failed += 1
+            entry.last_error = str(e)
+            log.warning("%s", e)
+        except OutboxError as e:
+            entry.sessions_failed += 1
+            entry.last_error = f"storage: {e}"
+            log.error("%s: could not store a reading, session ended: %s", address, e)
+        except Exception:
+            # A driver bug must cost one session, never the agent.
+            entry.sessions_failed += 1
+            log.exception("%s: session failed unexpectedly", address)
+        finally:
+            entry.last_session = _now()
+            self._active.discard(address)
+            self._cooldown_until[address] = asyncio.get_running_loop().time() + RECONNECT_COOLDOWN_S
+            if self.uplink is not None:
+                self.uplink.status_changed()
+
+    async def _commit(self, m: Measurement, ctx: SessionContext, address: str,
+                      binding: DeviceBinding, driver: Driver, synced: bool) -> None:
+        assert self.outbox is not None
+        reading = build_reading(
+            m, hub_id=self.cfg.hub.id, binding=binding, address=address, info=ctx.stats.info,
+            driver_name=driver.name, driver_version=driver.version, clock=ctx.stats.clock,
+            received_at=dt.datetime.now(dt.UTC), zone=self.cfg.hub.zone, hub_clock_synced=synced,
+        )
+        result = await commit(self.outbox, reading, self.cfg.hub.zone)
+        if result is PutResult.STORED:
+            ctx.stats.stored += 1
+            self.status.stored += 1
+            self.status.device(address).readings += 1
+        elif result is PutResult.DUPLICATE:
+            ctx.stats.duplicates += 1
+            self.status.duplicates += 1
+        else:
+            self.status.rejected_full += 1
+
+    def _rejected(self, characteristic: str, raw: bytes, reason: str) -> None:
+        self.status.decode_errors += 1
+        log.warning("undecodable value on 0x%s: %s", characteristic, reason.split(":", maxsplit=1)[0])
+        log.debug("undecodable value on 0x%s: %s (%s)", characteristic, reason, raw.hex())
+        if self.uplink is not None:
+            task = asyncio.get_running_loop().create_task(
+                self.uplink.publish_event("decode_error", {"characteristic": characteristic}))
+            self._background = task  # keep a reference until it is done
+
+    def _local_now(self) -> dt.datetime:
+        return dt.datetime.now(self.cfg.hub.zone).replace(tzinfo=None)
+
+    async def _housekeeping(self, outbox: Outbox) -> None:
+        while True:
+            try:
+                await outbox.prune()
+                stats = await outbox.stats()
+                self.status.outbox_pending = stats.pending
+                self.status.outbox_oldest_pending = (
+                    None if stats.oldest_pending is None else str(stats.oldest_pending))
+            except OutboxError as e:
+                log.error("outbox housekeeping failed: %s", e)
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

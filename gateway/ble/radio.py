@@ -1,0 +1,64 @@
+"""The one injection point for bleak's backend: BlueZ on the hub, the virtual radio elsewhere."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from bleak import BleakClient, BleakScanner
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementDataCallback
+
+from gateway.config import RadioConfig
+
+
+class Radio(Protocol):
+    """Makes bleak scanners and clients for one radio; all BLE objects come from here."""
+
+    kind: str
+
+    def scanner(self, callback: AdvertisementDataCallback) -> BleakScanner:
+        """A scanner that reports every advertisement to `callback`."""
+        ...
+
+    def client(
+        self, device: BLEDevice, disconnected: Callable[[BleakClient], None], timeout: float
+    ) -> BleakClient:
+        """A fresh client for one connection (never reuse a client: HA developer docs)."""
+        ...
+
+
+class BlueZRadio:
+    """The platform's own bleak backend (BlueZ over D-Bus on the hub)."""
+
+    kind = "bluez"
+
+    def __init__(self, adapter: str | None) -> None:
+        self._adapter = adapter
+
+    def scanner(self, callback: AdvertisementDataCallback) -> BleakScanner:
+        """A BlueZ scanner on the configured adapter."""
+        if self._adapter:
+            return BleakScanner(detection_callback=callback, bluez={"adapter": self._adapter})
+        return BleakScanner(detection_callback=callback)
+
+    def client(
+        self, device: BLEDevice, disconnected: Callable[[BleakClient], None], timeout: float
+    ) -> BleakClient:
+        """A BlueZ client on the configured adapter."""
+        extra: dict[str, Any] = {"bluez": {"adapter": self._adapter}} if self._adapter else {}
+        return BleakClient(device, disconnected_callback=disconnected, timeout=timeout, **extra)
+
+
+@contextlib.asynccontextmanager
+async def open_radio(cfg: RadioConfig) -> AsyncIterator[Radio]:
+    """The radio the config asks for; the virtual one brings its simulated devices."""
+    if cfg.kind == "bluez":
+        yield BlueZRadio(cfg.adapter)
+        return
+    # Imported here so bumble never loads on the hub (design.md §4).
+    from gateway.sim.wiring import open_virtual_radio  # noqa: PLC0415
+
+    async with open_virtual_radio(cfg) as radio:
+        yield radio

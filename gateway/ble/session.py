@@ -1,0 +1,139 @@
+"""One connection to one paired device: connect with retry, let its driver talk, commit readings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from bleak import BleakClient
+from bleak.backends.device import BLEDevice
+from bleak.exc import BleakError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from drivers.base import ClockCheck, DeviceInfo, Driver, Measurement
+from drivers.standard_profile import needs_pairing
+from gateway.ble.radio import Radio
+from gateway.config import DeviceBinding, RadioConfig
+
+log = logging.getLogger(__name__)
+
+# Advice a field technician can act on, after bleak-retry-connector's strings.
+ADVICE_CONNECT = (
+    "check the device is on and within a few metres of the hub; on a Raspberry Pi, "
+    "interference from the onboard Wi-Fi is common (a USB Bluetooth adapter helps)"
+)
+ADVICE_BOND = "the device may have lost its bond: put it in pairing mode and pair it again"
+ADVICE_WEDGED = "the Bluetooth stack stopped answering; it will be retried on the next advertisement"
+
+
+class SessionError(Exception):
+    """A session that ended without finishing; the message says what to do."""
+
+
+@dataclass
+class SessionStats:
+    """What one session did, for status and logs."""
+
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    clock: ClockCheck | None = None
+    info: DeviceInfo = field(default_factory=DeviceInfo)
+
+
+MeasurementHandler = Callable[[Measurement, "SessionContext"], Awaitable[None]]
+
+
+class SessionContext:
+    """The driver's hooks for one connection, and what they learnt."""
+
+    def __init__(self, *, zone_now: Callable[[], dt.datetime], clock_trusted: Callable[[], bool],
+                 on_reject: Callable[[str, bytes, str], None]) -> None:
+        self.link_lost = asyncio.Event()
+        self.stats = SessionStats()
+        self._zone_now = zone_now
+        self._clock_trusted = clock_trusted
+        self._on_reject = on_reject
+
+    def device_info(self, info: DeviceInfo) -> None:
+        """Keep the identity strings for every reading of this connection."""
+        self.stats.info = info
+
+    def clock(self, check: ClockCheck) -> None:
+        """Keep the clock offset found at connection."""
+        self.stats.clock = check
+        if check.offset_s is not None and abs(check.offset_s) > 60:
+            log.warning("device clock was %+.0f s off%s", check.offset_s,
+                        "; set" if check.set_ok else "; could not set it")
+
+    def rejected(self, characteristic: str, raw: bytes, reason: str) -> None:
+        """Count a value that did not decode; its bytes only at debug level."""
+        self.stats.rejected += 1
+        self._on_reject(characteristic, raw, reason)
+
+    def hub_clock_trusted(self) -> bool:
+        """Whether the hub may set device clocks."""
+        return self._clock_trusted()
+
+    def local_now(self) -> dt.datetime:
+        """Hub local wall-clock time, naive, as devices show it."""
+        return self._zone_now()
+
+
+async def run_session(
+    radio: Radio,
+    device: BLEDevice,
+    binding: DeviceBinding,
+    driver: Driver,
+    cfg: RadioConfig,
+    ctx: SessionContext,
+    handle: MeasurementHandler,
+) -> SessionStats:
+    """Connect (with retries), run the driver under a hard deadline, always disconnect."""
+
+    async def sink(m: Measurement) -> None:
+        await handle(m, ctx)
+
+    try:
+        async with asyncio.timeout(cfg.session_timeout_s):
+            client = await _connect(radio, device, cfg, ctx)
+            try:
+                await driver.collect(client, sink, ctx)
+            finally:
+                with contextlib.suppress(BleakError, TimeoutError, OSError):
+                    async with asyncio.timeout(cfg.operation_timeout_s):
+                        await client.disconnect()
+    except TimeoutError as e:
+        raise SessionError(f"{device.address}: session deadline passed; {ADVICE_WEDGED}") from e
+    except BleakError as e:
+        advice = ADVICE_BOND if needs_pairing(e) else ADVICE_CONNECT
+        raise SessionError(f"{device.address}: {e}; {advice}") from e
+    return ctx.stats
+
+
+async def _connect(radio: Radio, device: BLEDevice, cfg: RadioConfig, ctx: SessionContext) -> BleakClient:
+    def lost(_: BleakClient) -> None:
+        ctx.link_lost.set()
+
+    async for attempt in AsyncRetrying(
+        stop=stop_after_attempt(cfg.connect_attempts),
+        wait=wait_random_exponential(multiplier=0.25, max=4.0),
+        retry=retry_if_exception_type((BleakError, TimeoutError)),
+        reraise=True,
+    ):
+        with attempt:
+            ctx.link_lost.clear()
+            client = radio.client(device, lost, cfg.connect_timeout_s)
+            async with asyncio.timeout(cfg.connect_timeout_s + 5):
+                await client.connect()
+            return client
+    raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover

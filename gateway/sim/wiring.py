@@ -1,0 +1,82 @@
+"""The virtual radio as the agent sees it: bleak objects on bumble, devices from the config."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from bleak import BleakClient, BleakScanner
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementDataCallback
+
+from gateway.config import RadioConfig, SimulatedDeviceConfig
+from gateway.sim.backend import VirtualClientBackend, VirtualScannerBackend
+from gateway.sim.radio import VirtualRadio
+
+log = logging.getLogger(__name__)
+
+
+class VirtualBleakRadio:
+    """Implements gateway.ble.radio.Radio: the same bleak API, the bumble backend underneath."""
+
+    kind = "virtual"
+
+    def __init__(self, radio: VirtualRadio) -> None:
+        self.radio = radio
+
+    def scanner(self, callback: AdvertisementDataCallback) -> BleakScanner:
+        """A bleak scanner on the virtual radio."""
+        return BleakScanner(detection_callback=callback, backend=VirtualScannerBackend,
+                            radio=self.radio)
+
+    def client(
+        self, device: BLEDevice, disconnected: Callable[[BleakClient], None], timeout: float
+    ) -> BleakClient:
+        """A bleak client on the virtual radio."""
+        return BleakClient(device, disconnected_callback=disconnected, timeout=timeout,
+                           backend=VirtualClientBackend, radio=self.radio)
+
+
+def simulated_device(spec: SimulatedDeviceConfig) -> Any:
+    """A simulated device for one config entry, with an empty memory (it measures on cue)."""
+    from drivers.simulated.blood_pressure import demo_cuff  # noqa: PLC0415
+    from drivers.simulated.weight_scale import demo_scale  # noqa: PLC0415
+
+    make = demo_cuff if spec.profile == "blood_pressure" else demo_scale
+    extra: dict[str, Any] = {} if spec.name is None else {"name": spec.name}
+    return make(spec.address, readings=[], bonding_required=spec.bonding_required,
+                clock_offset_s=spec.clock_offset_s, **extra)
+
+
+async def _measure_on_schedule(device: Any, spec: SimulatedDeviceConfig) -> None:
+    from drivers.simulated.blood_pressure import demo_bp_readings  # noqa: PLC0415
+    from drivers.simulated.weight_scale import demo_weight_readings  # noqa: PLC0415
+
+    make = demo_bp_readings if spec.profile == "blood_pressure" else demo_weight_readings
+    readings: Sequence[Any] = make(spec.readings)
+    for reading in readings:
+        await asyncio.sleep(spec.interval_s)
+        # Taken now and stamped by the device's own (possibly wrong) clock, as a real one does.
+        await device.measure(dataclasses.replace(reading, timestamp=None), stamp=True)
+
+
+@contextlib.asynccontextmanager
+async def open_virtual_radio(cfg: RadioConfig) -> AsyncIterator[VirtualBleakRadio]:
+    """A virtual radio with the config's simulated devices measuring on their schedules."""
+    async with VirtualRadio() as radio:
+        devices = [(simulated_device(spec), spec) for spec in cfg.simulated]
+        for device, _ in devices:
+            await radio.add_peripheral(device)
+        tasks = [asyncio.create_task(_measure_on_schedule(d, s), name=f"sim {s.address}")
+                 for d, s in devices]
+        log.info("virtual radio up with %d simulated device(s)", len(devices))
+        try:
+            yield VirtualBleakRadio(radio)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,72 @@
+"""The hub's own health: counters and per-device facts published on the retained status topic."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+
+from gateway import __version__
+
+
+@dataclass
+class DeviceStatus:
+    """What the hub last saw of one paired device (no patient data)."""
+
+    last_seen: str | None = None
+    last_session: str | None = None
+    last_error: str | None = None
+    sessions_ok: int = 0
+    sessions_failed: int = 0
+    readings: int = 0
+    clock_offset_s: float | None = None
+    clock_set: bool | None = None
+
+
+@dataclass
+class HubStatus:
+    """Counters for the status topic; updated by the agent, read by the uplink."""
+
+    hub_id: str
+    started_at: str = field(default_factory=lambda: _now())  # noqa: PLW0108 (defined below)
+    devices: dict[str, DeviceStatus] = field(default_factory=dict)
+    stored: int = 0
+    duplicates: int = 0
+    decode_errors: int = 0
+    rejected_full: int = 0
+    unknown_seen: set[str] = field(default_factory=set)
+    outbox_pending: int = 0
+    outbox_oldest_pending: str | None = None
+    hub_clock_synced: bool = False
+
+    def device(self, address: str) -> DeviceStatus:
+        """The entry for a paired device, created on first use."""
+        return self.devices.setdefault(address.upper(), DeviceStatus())
+
+    def saw_unknown(self, address: str) -> None:
+        """Count a device that is not ours; kept only as a salted hash (neighbours' privacy)."""
+        digest = hashlib.sha256(f"{self.hub_id}|{address.upper()}".encode()).hexdigest()[:12]
+        if len(self.unknown_seen) < 10_000:
+            self.unknown_seen.add(digest)
+
+    def as_dict(self) -> dict[str, object]:
+        """The status payload (without `state`, which the uplink adds)."""
+        return {
+            "schema": "rpm-gateway/status/1",
+            "hub_id": self.hub_id,
+            "version": __version__,
+            "started_at": self.started_at,
+            "at": _now(),
+            "hub_clock_synced": self.hub_clock_synced,
+            "readings_stored": self.stored,
+            "duplicates_ignored": self.duplicates,
+            "decode_errors": self.decode_errors,
+            "rejected_outbox_full": self.rejected_full,
+            "unknown_devices_seen": len(self.unknown_seen),
+            "outbox": {"pending": self.outbox_pending, "oldest_pending": self.outbox_oldest_pending},
+            "devices": {a: vars(d) for a, d in sorted(self.devices.items())},
+        }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

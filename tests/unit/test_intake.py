@@ -1,0 +1,70 @@
+"""From decoded bytes to the payload: patient, identity, time provenance."""
+
+from __future__ import annotations
+
+import datetime as dt
+from zoneinfo import ZoneInfo
+
+from drivers.base import ClockCheck, DeviceInfo
+from drivers.blood_pressure import decode_bp
+from drivers.weight_scale import decode_weight
+from gateway.config import DeviceBinding
+from gateway.intake import build_reading, outbox_item
+from gateway.models import Reading
+
+CHICAGO = ZoneInfo("America/Chicago")
+BINDING = DeviceBinding(address="AA:BB:CC:DD:EE:01", patient_id="patient-7")
+RECEIVED = dt.datetime(2025, 3, 14, 13, 0, tzinfo=dt.UTC)
+# health-devices.md §12, BPM row 1: 2025-03-14 07:52:10, 128/82/97, pulse 64, irregular pulse.
+BPM = bytes.fromhex("1E800052006100E907030E07340A4000010400")
+
+
+def build(raw: bytes, clock: ClockCheck | None, synced: bool = True, weight: bool = False) -> Reading:
+    m = decode_weight(raw) if weight else decode_bp(raw)
+    return build_reading(
+        m, hub_id="hub-1", binding=BINDING, address="aa:bb:cc:dd:ee:01",
+        info=DeviceInfo(manufacturer="Sim", model="BP-1"), driver_name="sig_blood_pressure",
+        driver_version="1.0", clock=clock, received_at=RECEIVED, zone=CHICAGO,
+        hub_clock_synced=synced)
+
+
+def test_payload_fields() -> None:
+    r = build(BPM, None)
+    assert r.patient_id == "patient-7"
+    assert r.device.address == "AA:BB:CC:DD:EE:01"
+    assert r.status == ("irregular_pulse",)
+    assert r.time_source == "device_clock"
+    assert r.measured_at == dt.datetime(2025, 3, 14, 12, 52, 10, tzinfo=dt.UTC)
+    assert r.device_time == dt.datetime(2025, 3, 14, 7, 52, 10)
+    assert r.raw == BPM.hex()
+    assert Reading.model_validate_json(r.to_json()) == r
+    assert b'"schema":"rpm-gateway/reading/1"' in r.to_json()
+
+
+def test_clock_offset_corrects_only_when_hub_clock_synced() -> None:
+    clock = ClockCheck(device_time=None, hub_time=RECEIVED, offset_s=120.0, set_ok=True)
+    corrected = build(BPM, clock)
+    assert corrected.time_source == "device_clock_corrected"
+    assert corrected.measured_at == dt.datetime(2025, 3, 14, 12, 50, 10, tzinfo=dt.UTC)
+    assert corrected.device_clock_offset_s == 120.0
+    unsynced = build(BPM, clock, synced=False)
+    assert unsynced.time_source == "device_clock"
+    assert unsynced.hub_clock_synced is False
+
+
+def test_same_bytes_same_id_regardless_of_session() -> None:
+    a = build(BPM, None)
+    b = build(BPM, ClockCheck(device_time=None, hub_time=RECEIVED, offset_s=5.0, set_ok=True))
+    assert a.reading_id == b.reading_id
+
+
+def test_outbox_item_day_is_patient_local() -> None:
+    # 2025-03-15 03:30 UTC is still the 14th in Chicago.
+    late = dt.datetime(2025, 3, 14, 22, 30)
+    raw = bytes.fromhex("0E8E3F") + late.year.to_bytes(2, "little") + bytes(
+        [late.month, late.day, late.hour, late.minute, 0]) + bytes.fromhex("010101F406")
+    r = build(raw, None, weight=True)
+    item = outbox_item(r, CHICAGO)
+    assert item.measured_day == "2025-03-14"
+    assert item.measured_at.startswith("2025-03-15T03:30")
+    assert item.valid is True
