@@ -8,7 +8,6 @@ measurement to the sink (which commits it) → stop when the device leaves or go
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -181,16 +180,23 @@ class StandardProfileDriver:
                     return
                 if data is None:
                     return
-                try:
-                    measurement = self.decode(data)
-                except DecodeError as e:
-                    hooks.rejected(f"{self.measurement:04x}", data, str(e))
-                    continue
-                await sink(measurement)
+                await self._store(data, sink, hooks)
         finally:
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+            # The stack confirmed these indications already, so the device may have forgotten
+            # them: commit what arrived even when the session is being cancelled.
+            while not queue.empty():
+                data = queue.get_nowait()
+                if data is not None:
+                    await self._store(data, sink, hooks)
+
+    async def _store(self, data: bytes, sink: MeasurementSink, hooks: SessionHooks) -> None:
+        try:
+            measurement = self.decode(data)
+        except DecodeError as e:
+            hooks.rejected(f"{self.measurement:04x}", data, str(e))
+            return
+        await sink(measurement)
 
     async def _start_notify(self, client: BleakClient, callback: Callable[
             [BleakGATTCharacteristic, bytearray], None]) -> None:

@@ -38,8 +38,10 @@ class _Stop(Exception):
 class Agent:
     """Owns the long-lived tasks; `run()` returns when `stop()` is called or a signal arrives."""
 
-    def __init__(self, cfg: GatewayConfig, *, clock_synced: Callable[[], bool] | None = None) -> None:
+    def __init__(self, cfg: GatewayConfig, *, clock_synced: Callable[[], bool] | None = None,
+                 radio: Radio | None = None) -> None:
         self.cfg = cfg
+        self._radio = radio  # an already-open radio (tests); None: open the configured one
         self.pairings = Pairings(cfg.devices)
         self.status = HubStatus(hub_id=cfg.hub.id)
         trust = cfg.hub.trust_clock
@@ -70,7 +72,9 @@ class Agent:
         log.info("agent starting: hub %s, radio %s, %d paired device(s)",
                  self.cfg.hub.id, self.cfg.radio.kind, len(self.pairings))
         try:
-            async with open_radio(self.cfg.radio) as radio, \
+            radio_cm = (contextlib.nullcontext(self._radio) if self._radio is not None
+                        else open_radio(self.cfg.radio))
+            async with radio_cm as radio, \
                     Outbox(self.cfg.outbox_path, self.cfg.outbox) as outbox:
                 self.outbox = outbox
                 self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self.status.as_dict)
