@@ -1,0 +1,7 @@
+"""Virtual radio: bleak backends on google's bumble stack, for tests and the demo.
+
+Imported only when the config says ``radio.kind = "virtual"``; production code on the hub must
+never import this package (it pulls in bumble). Pieces: ``radio.VirtualRadio`` (the in-process
+link and the hub's central), ``backend.VirtualScannerBackend`` / ``backend.VirtualClientBackend``
+(pass as bleak's ``backend=`` with ``radio=``), and the simulated devices in drivers.simulated.
+"""
