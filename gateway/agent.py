@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # A device keeps advertising for a moment after it disconnects; don't chase that echo.
 RECONNECT_COOLDOWN_S = 2.0
 HOUSEKEEPING_INTERVAL_S = 60.0
+# Drift worth telling the clinic about: beyond it a reading's minute, even day, is in doubt.
+CLOCK_DRIFT_EVENT_S = 60.0
 
 
 class _Stop(Exception):
@@ -50,6 +52,7 @@ class Agent:
         self._active: set[str] = set()
         self._cooldown_until: dict[str, float] = {}
         self._wanted: asyncio.Queue[tuple[BLEDevice, AdvertisementData]] = asyncio.Queue()
+        self._events: set[asyncio.Task[None]] = set()
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
 
@@ -156,6 +159,9 @@ class Agent:
             entry.last_error = None
             entry.clock_offset_s = stats.clock.offset_s if stats.clock else None
             entry.clock_set = stats.clock.set_ok if stats.clock else None
+            if entry.clock_offset_s is not None and abs(entry.clock_offset_s) > CLOCK_DRIFT_EVENT_S:
+                self._event("clock_drift", {"device": address, "offset_s": entry.clock_offset_s,
+                                            "set": entry.clock_set})
             log.info("%s: session done (%d stored, %d already had, %d undecodable)",
                      address, stats.stored, stats.duplicates, stats.rejected)
         except SessionError as e:
@@ -195,15 +201,21 @@ class Agent:
             self.status.duplicates += 1
         else:
             self.status.rejected_full += 1
+            self._event("storage_pressure", {"device": address, "rejected": self.status.rejected_full})
 
     def _rejected(self, characteristic: str, raw: bytes, reason: str) -> None:
         self.status.decode_errors += 1
         log.warning("undecodable value on 0x%s: %s", characteristic, reason.split(":", maxsplit=1)[0])
         log.debug("undecodable value on 0x%s: %s (%s)", characteristic, reason, raw.hex())
-        if self.uplink is not None:
-            task = asyncio.get_running_loop().create_task(
-                self.uplink.publish_event("decode_error", {"characteristic": characteristic}))
-            self._background = task  # keep a reference until it is done
+        self._event("decode_error", {"characteristic": characteristic})
+
+    def _event(self, name: str, detail: dict[str, object]) -> None:
+        """Queue an event for the events topic without waiting (no patient data in it)."""
+        if self.uplink is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.uplink.publish_event(name, detail))
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
 
     def _local_now(self) -> dt.datetime:
         return dt.datetime.now(self.cfg.hub.zone).replace(tzinfo=None)

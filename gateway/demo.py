@@ -76,8 +76,8 @@ patient_id = "patient-0001"
 
 def demo_config(host: str, port: int, data_dir: Path, readings: int) -> GatewayConfig:
     """The demo's config: two paired simulated devices and one neighbour's."""
-    text = _DEMO_TOML.format(hub=HUB_ID, zone=local_zone_name(), data_dir=data_dir, host=host, port=port, n=readings,
-                             scale=SCALE, cuff=CUFF, neighbour=NEIGHBOUR)
+    text = _DEMO_TOML.format(hub=HUB_ID, zone=local_zone_name(), data_dir=data_dir, host=host,
+                             port=port, n=readings, scale=SCALE, cuff=CUFF, neighbour=NEIGHBOUR)
     return parse_config(text, "<demo>")
 
 
