@@ -374,7 +374,7 @@ class Outbox:
             return PutResult.DUPLICATE
         pending = self._pending_count(conn)
         if self._cfg.when_full == "reject_new":
-            reason = self._full_reason(conn, pending, now)
+            reason = self._full_reason(pending)
             if reason is not None:
                 total = self._bump(conn, "rejected_full", 1)
                 conn.execute("COMMIT")
@@ -409,13 +409,9 @@ class Outbox:
         log.debug("outbox: stored reading %s", item.reading_id)
         return PutResult.STORED
 
-    def _full_reason(self, conn: sqlite3.Connection, pending: int, now: datetime) -> str | None:
+    def _full_reason(self, pending: int) -> str | None:
         if pending >= self._cfg.max_pending:
             return f"{pending} pending >= max_pending {self._cfg.max_pending}"
-        oldest = self._oldest_pending(conn)
-        cutoff = _iso(now - timedelta(days=self._cfg.max_pending_age_days))
-        if oldest is not None and oldest < cutoff:
-            return f"oldest pending reading is older than {self._cfg.max_pending_age_days} days"
         return None
 
     def _drop_oldest(self, conn: sqlite3.Connection, count: int, why: str) -> None:
@@ -430,10 +426,11 @@ class Outbox:
         if dropped > 0:
             total = self._bump(conn, "dropped", dropped)
             log.warning(
-                "outbox: dropped %d undelivered reading(s) (%s, when_full=drop_oldest); "
+                "outbox: dropped %d undelivered reading(s) (%s, when_full=%s); "
                 "%d dropped so far",
                 dropped,
                 why,
+                self._cfg.when_full,
                 total,
             )
 
@@ -513,22 +510,21 @@ class Outbox:
             "DELETE FROM readings WHERE delivered_at IS NOT NULL AND delivered_at < ?",
             (_iso(now - timedelta(days=cfg.keep_delivered_days)),),
         ).rowcount
-        if cfg.when_full == "drop_oldest":
-            expired = conn.execute(
-                "DELETE FROM readings WHERE delivered_at IS NULL AND created_at < ?",
-                (_iso(now - timedelta(days=cfg.max_pending_age_days)),),
-            ).rowcount
-            self._log_dropped(conn, expired, f"older than {cfg.max_pending_age_days} days")
-            excess = self._pending_count(conn) - cfg.max_pending
-            if excess > 0:
-                self._drop_oldest(conn, excess, "over max_pending")
-        else:
-            reason = self._full_reason(conn, self._pending_count(conn), now)
-            if reason is not None:
-                log.warning(
-                    "outbox full (%s, when_full=reject_new): new readings are being rejected",
-                    reason,
-                )
+        # Age is a time-to-live whatever the policy: a reading undelivered for this long is
+        # no use to the clinic, and keeping it would let one dead broker fill the disk.
+        expired = conn.execute(
+            "DELETE FROM readings WHERE delivered_at IS NULL AND created_at < ?",
+            (_iso(now - timedelta(days=cfg.max_pending_age_days)),),
+        ).rowcount
+        self._log_dropped(conn, expired, f"undelivered for over {cfg.max_pending_age_days} days")
+        excess = self._pending_count(conn) - cfg.max_pending
+        if cfg.when_full == "drop_oldest" and excess > 0:
+            self._drop_oldest(conn, excess, "over max_pending")
+        elif excess >= 0:
+            reason = self._full_reason(self._pending_count(conn))
+            log.warning(
+                "outbox full (%s, when_full=reject_new): new readings are being rejected", reason
+            )
         conn.execute("COMMIT")
         if removed:
             log.info("outbox: pruned %d delivered reading(s) older than %d days",

@@ -95,15 +95,22 @@ async def test_reject_new_when_max_pending_reached(tmp_path: Path) -> None:
         assert await ob.put(make_item(3)) is PutResult.STORED
 
 
-async def test_reject_new_when_oldest_pending_too_old(tmp_path: Path) -> None:
+async def test_age_is_a_time_to_live_under_either_policy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     clock = Clock()
     cfg = small(max_pending_age_days=7, when_full="reject_new")
     async with Outbox(tmp_path / "o.db", cfg, clock=clock) as ob:
         await ob.put(make_item(0))
         clock.now += timedelta(days=8)
-        assert await ob.put(make_item(1)) is PutResult.REJECTED_FULL
-        await ob.prune()  # reject_new never deletes undelivered readings
-        assert [p.reading_id for p in await ob.pending(10)] == ["r-000000"]
+        # An old backlog does not stop new readings from being stored...
+        assert await ob.put(make_item(1)) is PutResult.STORED
+        with caplog.at_level(logging.WARNING, logger="gateway.outbox"):
+            await ob.prune()
+        # ...and prune expires what was undelivered for longer than the limit, saying so.
+        assert [p.reading_id for p in await ob.pending(10)] == ["r-000001"]
+        assert "dropped 1 undelivered" in caplog.text
+        assert (await ob.stats()).dropped == 1
 
 
 async def test_drop_oldest_on_put_and_in_prune(
