@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # A device keeps advertising for a moment after it disconnects; don't chase that echo.
 RECONNECT_COOLDOWN_S = 2.0
 HOUSEKEEPING_INTERVAL_S = 60.0
+SCAN_RETRY_MIN_S = 2.0
+SCAN_RETRY_MAX_S = 60.0
+ADVICE_RADIO = ("check that bluetoothd is running (systemctl status bluetooth), that the adapter "
+                "is present (bluetoothctl list) and not blocked (rfkill list)")
 # Drift worth telling the clinic about: beyond it a reading's minute, even day, is in doubt.
 CLOCK_DRIFT_EVENT_S = 60.0
 
@@ -113,9 +117,29 @@ class Agent:
         self._wanted.put_nowait((device, adv))
 
     async def _scan(self, radio: Radio) -> None:
-        scanner = radio.scanner(self._on_advertisement)
-        async with scanner:
-            await asyncio.Event().wait()
+        # A radio that cannot scan must not take the agent down: the uplink still has readings
+        # to deliver, and the adapter may come back (bluetoothd restarted, dongle re-plugged).
+        delay = SCAN_RETRY_MIN_S
+        while True:
+            try:
+                async with radio.scanner(self._on_advertisement):
+                    if self.status.radio != "ok":
+                        log.info("Bluetooth radio scanning")
+                    self.status.radio = "ok"
+                    delay = SCAN_RETRY_MIN_S
+                    await asyncio.Event().wait()
+            except Exception as e:  # any radio failure is retried, never fatal
+                reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if isinstance(e, FileNotFoundError | ConnectionRefusedError):
+                    reason = "cannot reach the D-Bus system bus (is dbus running?)"
+                self.status.radio = f"unavailable: {reason}"
+                log.error("Bluetooth radio unavailable (%s); %s; retrying in %.0f s",
+                          reason, ADVICE_RADIO, delay)
+                log.debug("radio failure", exc_info=True)
+                if self.uplink is not None:
+                    self.uplink.status_changed()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SCAN_RETRY_MAX_S)
 
     async def _dispatch(self, radio: Radio, tg: asyncio.TaskGroup) -> None:
         while True:

@@ -73,9 +73,15 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     from gateway.agent import Agent  # noqa: PLC0415
+    from gateway.outbox import OutboxError  # noqa: PLC0415
 
     _setup_logging(cfg.log_level)
-    asyncio.run(Agent(cfg).run())
+    try:
+        asyncio.run(Agent(cfg).run())
+    except OutboxError as e:
+        # Without its store the agent must not read devices; systemd restarts it.
+        logging.getLogger("gateway").critical("cannot use the outbox: %s", e)
+        return EX_SOFTWARE
     return EX_OK
 
 

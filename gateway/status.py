@@ -38,6 +38,7 @@ class HubStatus:
     outbox_pending: int = 0
     outbox_oldest_pending: str | None = None
     hub_clock_synced: bool = False
+    radio: str = "starting"
 
     def device(self, address: str) -> DeviceStatus:
         """The entry for a paired device, created on first use."""
@@ -58,6 +59,7 @@ class HubStatus:
             "started_at": self.started_at,
             "at": _now(),
             "hub_clock_synced": self.hub_clock_synced,
+            "radio": self.radio,
             "readings_stored": self.stored,
             "duplicates_ignored": self.duplicates,
             "decode_errors": self.decode_errors,

@@ -1,0 +1,125 @@
+"""`rpm-gateway run` as the hub runs it: a real process, real signals, a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.broker import LocalBroker
+
+pytestmark = pytest.mark.integration
+
+HUB = "hub-proc"
+Subscribe = Callable[..., Awaitable[Any]]
+
+
+def write_config(tmp_path: Path, broker: LocalBroker, radio: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"""
+log_level = "info"
+[hub]
+id = "{HUB}"
+data_dir = "{tmp_path / 'state'}"
+trust_clock = true
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+reconnect_min_s = 0.1
+reconnect_max_s = 0.5
+{radio}
+[[devices]]
+address = "C0:00:00:00:5C:01"
+patient_id = "patient-1"
+[[devices]]
+address = "C0:00:00:00:BC:01"
+patient_id = "patient-1"
+""")
+    return path
+
+
+VIRTUAL = """
+[radio]
+kind = "virtual"
+quiet_s = 0.5
+[[radio.simulated]]
+profile = "weight_scale"
+address = "C0:00:00:00:5C:01"
+readings = 2
+interval_s = 0.3
+[[radio.simulated]]
+profile = "blood_pressure"
+address = "C0:00:00:00:BC:01"
+readings = 2
+interval_s = 0.4
+bonding_required = true
+"""
+
+# An adapter that does not exist: scanning fails whether or not this machine has BlueZ.
+MISSING_ADAPTER = """
+[radio]
+kind = "bluez"
+adapter = "hci99"
+"""
+
+
+@contextlib.asynccontextmanager
+async def agent_process(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def stop(proc: asyncio.subprocess.Process) -> tuple[int, str]:
+    """SIGTERM, then the exit status and everything it logged."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_run_delivers_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+) -> None:
+    readings = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/readings")
+    status = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/status")
+    async with agent_process(write_config(tmp_path, mosquitto, VIRTUAL)) as proc:
+        await readings.wait_for(4, timeout=30)
+        code, log = await stop(proc)
+    assert code == 0, log
+    assert "Traceback" not in log
+    assert "agent stopped" in log
+    ids = {p["reading_id"] for p in readings.payloads()}
+    assert len(ids) == 4
+    # A clean stop says offline itself (a clean DISCONNECT suppresses the will).
+    await status.wait_until(lambda m: '"offline"' in bytes(m[-1].payload).decode(), timeout=5)
+    # No patient data above debug level.
+    assert "patient-1" not in log
+
+
+async def test_a_missing_radio_is_reported_not_fatal(
+    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+) -> None:
+    status = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/status")
+    async with agent_process(write_config(tmp_path, mosquitto, MISSING_ADAPTER)) as proc:
+        await status.wait_until(
+            lambda m: any(str(p.get("radio", "")).startswith("unavailable")
+                          for p in status.payloads()), timeout=20)
+        await asyncio.sleep(0.5)
+        assert proc.returncode is None, "the agent must keep running without a radio"
+        code, log = await stop(proc)
+    assert code == 0
+    assert "Bluetooth radio unavailable" in log
+    assert "Traceback" not in log
