@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the payloads instead of a table")
     demo.add_argument("--readings", type=int, default=3, help="readings per device (default 3)")
     demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many s")
+    demo.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
+                      help="local broker: mosquitto when installed (auto), or the Python one")
 
     dec = sub.add_parser("decode", help="decode one raw characteristic value to JSON")
     dec.add_argument("characteristic", help="UUID: 2a35, 0x2A35 or the 128-bit form")
@@ -89,7 +91,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo  # noqa: PLC0415
 
     _setup_logging("warning")
-    return asyncio.run(run_demo(json_out=args.json, readings=args.readings, timeout=args.timeout))
+    return asyncio.run(run_demo(json_out=args.json, readings=args.readings, timeout=args.timeout,
+                                broker=args.broker))
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

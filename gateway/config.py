@@ -69,6 +69,9 @@ class MqttConfig(_Section):
     # The password lives in its own file (mode 0600) so the config can be shown and shared.
     password_file: Path | None = None
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 60
+    # "auto": MQTT 5, falling back to 3.1.1 for a broker that refuses it. MQTT 5 is preferred:
+    # only it tells us when the broker refuses a reading (PUBACK reason code).
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
     inflight: Annotated[int, Field(ge=1, le=1000)] = 20
     reconnect_min_s: Annotated[float, Field(gt=0)] = 1.0
     reconnect_max_s: Annotated[float, Field(gt=0)] = 300.0

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 
@@ -36,6 +36,7 @@ trust_clock = true
 [mqtt]
 host = "{host}"
 port = {port}
+protocol = "{protocol}"
 
 [radio]
 kind = "virtual"
@@ -74,10 +75,12 @@ patient_id = "patient-0001"
 """
 
 
-def demo_config(host: str, port: int, data_dir: Path, readings: int) -> GatewayConfig:
+def demo_config(host: str, port: int, data_dir: Path, readings: int,
+                protocol: str = "auto") -> GatewayConfig:
     """The demo's config: two paired simulated devices and one neighbour's."""
     text = _DEMO_TOML.format(hub=HUB_ID, zone=local_zone_name(), data_dir=data_dir, host=host,
-                             port=port, n=readings, scale=SCALE, cuff=CUFF, neighbour=NEIGHBOUR)
+                             port=port, protocol=protocol, n=readings, scale=SCALE, cuff=CUFF,
+                             neighbour=NEIGHBOUR)
     return parse_config(text, "<demo>")
 
 
@@ -136,19 +139,22 @@ async def _subscribe(host: str, port: int, want: int, devices: set[str], json_ou
     return counts
 
 
-async def run_demo(*, json_out: bool, readings: int, timeout: float) -> int:
+async def run_demo(*, json_out: bool, readings: int, timeout: float,
+                   broker: Literal["auto", "mosquitto", "amqtt"] = "auto") -> int:
     """Run the demo; 0 once every paired device delivered `readings` readings."""
     with tempfile.TemporaryDirectory(prefix="rpm-gateway-demo-") as tmp:
-        async with LocalBroker() as broker:
+        async with LocalBroker(broker) as local:
             if not json_out:
-                print(f"broker: {broker.kind} on {broker.host}:{broker.port}; "
+                print(f"broker: {local.kind} on {local.host}:{local.port}; "
                       f"simulated: scale {SCALE}, cuff {CUFF}, neighbour's cuff {NEIGHBOUR}",
                       file=sys.stderr)
-            cfg = demo_config(broker.host, broker.port, Path(tmp), readings)
+            # amqtt speaks MQTT 3.1.1 only (and never answers an MQTT 5 CONNECT).
+            protocol = "3.1.1" if local.kind == "amqtt" else "auto"
+            cfg = demo_config(local.host, local.port, Path(tmp), readings, protocol)
             agent = Agent(cfg)
             ready, done = asyncio.Event(), asyncio.Event()
             sub = asyncio.create_task(
-                _subscribe(broker.host, broker.port, readings, {SCALE, CUFF}, json_out, ready, done))
+                _subscribe(local.host, local.port, readings, {SCALE, CUFF}, json_out, ready, done))
             await asyncio.wait_for(ready.wait(), 10)
             run = asyncio.create_task(agent.run())
             try:

@@ -160,7 +160,8 @@ class Uplink:
         self._status_interval_s = status_interval_s
         self._where = f"{cfg.host}:{cfg.port}"
         self._protocol = aiomqtt.ProtocolVersion.V5  # of the current or last attempt
-        self._v5_refused = False  # the broker said (CONNACK) that it does not speak MQTT 5
+        # The broker said (CONNACK) that it does not speak MQTT 5, or the config says so.
+        self._v5_refused = cfg.protocol == "3.1.1"
         self._v311_next = False  # the last MQTT 5 attempt got no CONNACK at all
         self._connected = False
         self._last_error: str | None = None
@@ -316,7 +317,7 @@ class Uplink:
                 await client.__aenter__()
             except MqttConnectError as e:
                 code = e.rc.value if isinstance(e.rc, ReasonCode) else e.rc
-                if not v311 and code in _UNSUPPORTED_PROTOCOL:
+                if not v311 and code in _UNSUPPORTED_PROTOCOL and self._cfg.protocol == "auto":
                     log.info("broker %s refuses MQTT 5; using MQTT 3.1.1", self._where)
                     self._v5_refused = True
                     continue
@@ -327,7 +328,8 @@ class Uplink:
                 # 3.1.1-only brokers (amqtt) do not answer an MQTT 5 CONNECT at all, so the next
                 # attempt tries 3.1.1. Not for good: a merely overloaded MQTT 5 broker must not
                 # leave us on 3.1.1, where a refused PUBLISH cannot be detected.
-                if not v311 and isinstance(e.__context__, TimeoutError):
+                if (not v311 and isinstance(e.__context__, TimeoutError)
+                        and self._cfg.protocol == "auto"):
                     self._v311_next = True
                 raise ConnectError(f"cannot connect: {e}") from e
             return client
