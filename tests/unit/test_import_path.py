@@ -1,0 +1,17 @@
+"""bumble (the virtual radio) never loads on the hub: production imports stay lean."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_production_path_does_not_import_bumble_or_the_simulator() -> None:
+    code = (
+        "import sys, gateway.cli, gateway.agent, gateway.ble.radio, drivers.registry;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('bumble', 'amqtt')"
+        " or m.startswith(('gateway.sim', 'drivers.simulated')));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, f"production imports pulled in: {p.stdout}"
