@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from bumble.device import Connection
 from bumble.gatt import Characteristic, Service
 
+from drivers import uuids
 from drivers.codec.blood_pressure import (
     FEATURE_BODY_MOVEMENT,
     FEATURE_CUFF_FIT,
@@ -32,10 +33,10 @@ from drivers.simulated.device import (
     uuid16,
 )
 
-BLOOD_PRESSURE_SERVICE = 0x1810
-BLOOD_PRESSURE_MEASUREMENT = 0x2A35
-INTERMEDIATE_CUFF_PRESSURE = 0x2A36
-BLOOD_PRESSURE_FEATURE = 0x2A49
+BLOOD_PRESSURE_SERVICE = uuids.BLOOD_PRESSURE
+BLOOD_PRESSURE_MEASUREMENT = uuids.BLOOD_PRESSURE_MEASUREMENT
+INTERMEDIATE_CUFF_PRESSURE = uuids.INTERMEDIATE_CUFF_PRESSURE
+BLOOD_PRESSURE_FEATURE = uuids.BLOOD_PRESSURE_FEATURE
 
 DEFAULT_FEATURE = BloodPressureFeature(
     FEATURE_BODY_MOVEMENT | FEATURE_CUFF_FIT | FEATURE_IRREGULAR_PULSE

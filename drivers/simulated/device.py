@@ -32,6 +32,7 @@ from bumble.gatt import (
 )
 from bumble.pairing import PairingConfig, PairingDelegate
 
+from drivers import uuids
 from drivers.codec.date_time import (
     CURRENT_TIME_SIZE,
     DATE_TIME_SIZE,
@@ -48,19 +49,19 @@ from gateway.sim.radio import VirtualRadio, make_device
 
 log = logging.getLogger(__name__)
 
-# Assigned numbers (Bluetooth SIG, "16-bit UUIDs"), health-devices.md §2, §5.
-DEVICE_INFORMATION_SERVICE = 0x180A
-BATTERY_SERVICE = 0x180F
-CURRENT_TIME_SERVICE = 0x1805
-MANUFACTURER_NAME = 0x2A29
-MODEL_NUMBER = 0x2A24
-SERIAL_NUMBER = 0x2A25
-HARDWARE_REVISION = 0x2A27
-FIRMWARE_REVISION = 0x2A26
-SYSTEM_ID = 0x2A23
-BATTERY_LEVEL = 0x2A19
-CURRENT_TIME = 0x2A2B
-DATE_TIME = 0x2A08
+# One table of assigned numbers for both sides: the twin serves what the driver looks for.
+DEVICE_INFORMATION_SERVICE = uuids.DEVICE_INFORMATION
+BATTERY_SERVICE = uuids.BATTERY
+CURRENT_TIME_SERVICE = uuids.CURRENT_TIME_SERVICE
+MANUFACTURER_NAME = uuids.MANUFACTURER_NAME
+MODEL_NUMBER = uuids.MODEL_NUMBER
+SERIAL_NUMBER = uuids.SERIAL_NUMBER
+HARDWARE_REVISION = uuids.HARDWARE_REVISION
+FIRMWARE_REVISION = uuids.FIRMWARE_REVISION
+SYSTEM_ID = uuids.SYSTEM_ID
+BATTERY_LEVEL = uuids.BATTERY_LEVEL
+CURRENT_TIME = uuids.CURRENT_TIME
+DATE_TIME = uuids.DATE_TIME
 
 # Core Vol 3 Part C §11: AD types, and flags "LE General Discoverable, BR/EDR not supported".
 _AD_FLAGS, _AD_UUID16_COMPLETE, _AD_NAME_COMPLETE = 0x01, 0x03, 0x09

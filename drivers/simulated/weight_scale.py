@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from bumble.gatt import Characteristic, Service
 
+from drivers import uuids
 from drivers.codec.date_time import DateTime
 from drivers.codec.weight import (
     WeightMeasurement,
@@ -19,9 +20,9 @@ from drivers.codec.weight import (
 )
 from drivers.simulated.device import SimScript, SimulatedDevice, read_only_characteristic, uuid16
 
-WEIGHT_SCALE_SERVICE = 0x181D
-WEIGHT_MEASUREMENT = 0x2A9D
-WEIGHT_SCALE_FEATURE = 0x2A9E
+WEIGHT_SCALE_SERVICE = uuids.WEIGHT_SCALE
+WEIGHT_MEASUREMENT = uuids.WEIGHT_MEASUREMENT
+WEIGHT_SCALE_FEATURE = uuids.WEIGHT_SCALE_FEATURE
 
 # Time stamps, one user slot, no BMI, 0.005 kg resolution (code 7): a typical home scale.
 DEFAULT_FEATURE = WeightScaleFeature(
