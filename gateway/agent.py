@@ -17,7 +17,7 @@ from drivers.base import Driver, Measurement
 from gateway.ble.radio import Radio, open_radio
 from gateway.ble.session import SessionContext, SessionError, run_session
 from gateway.config import DeviceBinding, GatewayConfig
-from gateway.intake import build_reading, commit
+from gateway.intake import belongs_to, build_reading, commit
 from gateway.outbox import Outbox, OutboxError, PutResult
 from gateway.registry import Pairings
 from gateway.status import HubStatus
@@ -210,6 +210,12 @@ class Agent:
     async def _commit(self, m: Measurement, ctx: SessionContext, address: str,
                       binding: DeviceBinding, driver: Driver, synced: bool) -> None:
         assert self.outbox is not None
+        if not belongs_to(binding, m):
+            # Someone else's slot on a shared device: never filed under this patient.
+            self.status.other_user += 1
+            log.info("%s: reading from user slot %s ignored (bound to slot %s)",
+                     address, m.user_index, binding.user_index)
+            return
         reading = build_reading(
             m, hub_id=self.cfg.hub.id, binding=binding, address=address, info=ctx.stats.info,
             driver_name=driver.name, driver_version=driver.version, clock=ctx.stats.clock,

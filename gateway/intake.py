@@ -15,6 +15,15 @@ from gateway.timebase import reading_id, resolve_measured_at
 log = logging.getLogger(__name__)
 
 
+def belongs_to(binding: DeviceBinding, m: Measurement) -> bool:
+    """Whether a measurement is the bound patient's: a device with user slots says whose it is.
+
+    A binding to slot N refuses readings the device files under another slot (a spouse on
+    the same cuff); a device that sends no slot cannot tell, so the binding decides.
+    """
+    return binding.user_index is None or m.user_index is None or m.user_index == binding.user_index
+
+
 def build_reading(
     m: Measurement,
     *,

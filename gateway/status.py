@@ -34,6 +34,7 @@ class HubStatus:
     duplicates: int = 0
     decode_errors: int = 0
     rejected_full: int = 0
+    other_user: int = 0
     unknown_seen: set[str] = field(default_factory=set)
     outbox_pending: int = 0
     outbox_oldest_pending: str | None = None
@@ -64,6 +65,7 @@ class HubStatus:
             "duplicates_ignored": self.duplicates,
             "decode_errors": self.decode_errors,
             "rejected_outbox_full": self.rejected_full,
+            "other_user_slot_ignored": self.other_user,
             "unknown_devices_seen": len(self.unknown_seen),
             "outbox": {"pending": self.outbox_pending, "oldest_pending": self.outbox_oldest_pending},
             "devices": {a: vars(d) for a, d in sorted(self.devices.items())},

@@ -34,13 +34,13 @@ READINGS = f"rpm/{HUB}/readings"
 Subscribe = Callable[..., Awaitable[Any]]
 
 
-def config(tmp_path: Path, broker: LocalBroker, **hub: str) -> GatewayConfig:
+def config(tmp_path: Path, broker: LocalBroker, cuff_slot: int | None = None) -> GatewayConfig:
     """Both paired devices bound to patient-1; fast timings so tests take seconds."""
-    zone = hub.get("timezone", "UTC")
+    slot = "" if cuff_slot is None else f"user_index = {cuff_slot}"
     return parse_config(f"""
 [hub]
 id = "{HUB}"
-timezone = "{zone}"
+timezone = "UTC"
 data_dir = "{tmp_path}"
 trust_clock = true
 [mqtt]
@@ -55,20 +55,21 @@ connect_timeout_s = 5
 [[devices]]
 address = "{CUFF}"
 patient_id = "patient-1"
+{slot}
 [[devices]]
 address = "{SCALE}"
 patient_id = "patient-1"
 """)
 
 
-def bp(sys: int, dia: int, mean: int, pulse: int, minutes_ago: int, status: int = 0
-       ) -> BloodPressureMeasurement:
+def bp(sys: int, dia: int, mean: int, pulse: int, minutes_ago: int, status: int = 0,
+       user: int = 1) -> BloodPressureMeasurement:
     """A cuff reading stamped `minutes_ago` on the local clock."""
     taken = dt.datetime.now().replace(microsecond=0) - dt.timedelta(minutes=minutes_ago)
     return BloodPressureMeasurement(
         kpa=False, systolic=MedFloat.of(sys), diastolic=MedFloat.of(dia),
         mean_arterial=MedFloat.of(mean), timestamp=DateTime.from_datetime(taken),
-        pulse_rate=MedFloat.of(pulse), user_id=1, status=status)
+        pulse_rate=MedFloat.of(pulse), user_id=user, status=status)
 
 
 @contextlib.asynccontextmanager
@@ -224,3 +225,18 @@ async def test_garbage_is_counted_and_good_readings_still_flow(
             await sub.wait_for(2, timeout=15)
             await until(lambda: agent.status.decode_errors == 1)
     assert [r["observations"][0]["value"] for r in sub.payloads()] == [118.0, 119.0]
+
+
+async def test_shared_cuff_only_the_bound_user_slot_is_published(
+    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+) -> None:
+    sub = await mqtt_subscriber(mosquitto, READINGS)
+    async with VirtualRadio() as radio:
+        # The patient is user 1; a spouse measures on the same cuff as user 2.
+        cuff = demo_cuff(CUFF, readings=[bp(140, 90, 107, 80, 6, user=2), bp(122, 79, 93, 66, 5)])
+        await radio.add_peripheral(cuff)
+        async with running(config(tmp_path, mosquitto, cuff_slot=1), radio) as agent:
+            await sub.wait_for(1, timeout=15)
+            await until(lambda: agent.status.other_user == 1)
+            await asyncio.sleep(0.3)
+    assert [(r["user_index"], r["observations"][0]["value"]) for r in sub.payloads()] == [(1, 122.0)]

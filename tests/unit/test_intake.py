@@ -9,7 +9,7 @@ from drivers.base import ClockCheck, DeviceInfo
 from drivers.blood_pressure import decode_bp
 from drivers.weight_scale import decode_weight
 from gateway.config import DeviceBinding
-from gateway.intake import build_reading, outbox_item
+from gateway.intake import belongs_to, build_reading, outbox_item
 from gateway.models import Reading
 
 CHICAGO = ZoneInfo("America/Chicago")
@@ -68,3 +68,13 @@ def test_outbox_item_day_is_patient_local() -> None:
     assert item.measured_day == "2025-03-14"
     assert item.measured_at.startswith("2025-03-15T03:30")
     assert item.valid is True
+
+
+def test_user_slot_attribution() -> None:
+    slot1 = decode_bp(BPM)  # the row 1 reading is filed under user 1
+    assert slot1.user_index == 1
+    assert belongs_to(BINDING, slot1)  # binding without a slot: the device is the patient's
+    assert belongs_to(BINDING.model_copy(update={"user_index": 1}), slot1)
+    assert not belongs_to(BINDING.model_copy(update={"user_index": 2}), slot1)
+    no_slot = decode_bp(bytes.fromhex("01A0F06BF07DF0"))  # §12 BPM row 3: no user id field
+    assert belongs_to(BINDING.model_copy(update={"user_index": 2}), no_slot)
