@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -45,13 +44,6 @@ WEIGHT_MEASUREMENT = normalize_uuid_16(0x2A9D)
 CURRENT_TIME = normalize_uuid_16(0x2A2B)
 DATE_TIME = normalize_uuid_16(0x2A08)
 WAIT = 2.0  # bound for waiting on one event; the events themselves take milliseconds
-
-
-@pytest.fixture
-async def radio() -> AsyncIterator[VirtualRadio]:
-    """A fresh virtual radio per test."""
-    async with VirtualRadio() as r:
-        yield r
 
 
 def client(radio: VirtualRadio, device: SimulatedDevice[Any] | str, **kwargs: Any) -> BleakClient:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 from bleak import BleakClient, BleakScanner
@@ -30,13 +30,6 @@ WEIGHT_SERVICE = normalize_uuid_16(0x181D)
 BPM = normalize_uuid_16(0x2A35)
 WEIGHT_MEASUREMENT = normalize_uuid_16(0x2A9D)
 WAIT = 2.0  # bound for waiting on one event; the events themselves take milliseconds
-
-
-@pytest.fixture
-async def radio() -> AsyncIterator[VirtualRadio]:
-    """A fresh virtual radio per test (bonds live in its key store)."""
-    async with VirtualRadio() as r:
-        yield r
 
 
 async def find(radio: VirtualRadio, address: str) -> BLEDevice:
