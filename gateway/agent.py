@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # A device keeps advertising for a moment after it disconnects; don't chase that echo.
 RECONNECT_COOLDOWN_S = 2.0
 HOUSEKEEPING_INTERVAL_S = 60.0
+PRUNE_INTERVAL_S = 3600.0
 SCAN_RETRY_MIN_S = 2.0
 SCAN_RETRY_MAX_S = 60.0
 ADVICE_RADIO = ("check that bluetoothd is running (systemctl status bluetooth), that the adapter "
@@ -57,6 +58,7 @@ class Agent:
         self._cooldown_until: dict[str, float] = {}
         self._wanted: asyncio.Queue[tuple[BLEDevice, AdvertisementData]] = asyncio.Queue()
         self._events: set[asyncio.Task[None]] = set()
+        self._refresh = asyncio.Event()  # the status changed: publish it now
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
 
@@ -136,8 +138,7 @@ class Agent:
                 log.error("Bluetooth radio unavailable (%s); %s; retrying in %.0f s",
                           reason, ADVICE_RADIO, delay)
                 log.debug("radio failure", exc_info=True)
-                if self.uplink is not None:
-                    self.uplink.status_changed()
+                self._refresh.set()
             await asyncio.sleep(delay)
             delay = min(delay * 2, SCAN_RETRY_MAX_S)
 
@@ -204,8 +205,7 @@ class Agent:
             entry.last_session = _now()
             self._active.discard(address)
             self._cooldown_until[address] = asyncio.get_running_loop().time() + RECONNECT_COOLDOWN_S
-            if self.uplink is not None:
-                self.uplink.status_changed()
+            self._refresh.set()
 
     async def _commit(self, m: Measurement, ctx: SessionContext, address: str,
                       binding: DeviceBinding, driver: Driver, synced: bool) -> None:
@@ -251,17 +251,26 @@ class Agent:
         return dt.datetime.now(self.cfg.hub.zone).replace(tzinfo=None)
 
     async def _housekeeping(self, outbox: Outbox) -> None:
+        """Keep the status fresh (after every session, else once a minute) and prune hourly."""
+        loop = asyncio.get_running_loop()
+        last_prune = -PRUNE_INTERVAL_S
         while True:
             try:
-                await outbox.prune()
+                if loop.time() - last_prune >= PRUNE_INTERVAL_S:
+                    last_prune = loop.time()
+                    await outbox.prune()
                 stats = await outbox.stats()
                 self.status.outbox_pending = stats.pending
                 self.status.outbox_oldest_pending = (
                     None if stats.oldest_pending is None else str(stats.oldest_pending))
             except OutboxError as e:
                 log.error("outbox housekeeping failed: %s", e)
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
-
+            if self.uplink is not None:
+                self.uplink.status_changed()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HOUSEKEEPING_INTERVAL_S):
+                    await self._refresh.wait()
+            self._refresh.clear()
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

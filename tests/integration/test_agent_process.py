@@ -97,6 +97,12 @@ async def test_run_delivers_and_stops_cleanly_on_sigterm(
     status = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/status")
     async with agent_process(write_config(tmp_path, mosquitto, VIRTUAL)) as proc:
         await readings.wait_for(4, timeout=30)
+        # The retained status follows each session: the devices' outcome, an empty outbox.
+        await status.wait_until(lambda m: any(
+            p.get("outbox", {}).get("pending") == 0
+            and p.get("devices", {}).get("C0:00:00:00:BC:01", {}).get("sessions_ok", 0) >= 1
+            and p.get("radio") == "ok"
+            for p in status.payloads()), timeout=10)
         code, log = await stop(proc)
     assert code == 0, log
     assert "Traceback" not in log
