@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -37,3 +38,18 @@ def test_demo_json_payloads_follow_the_schema() -> None:
     readings = [Reading.model_validate(json.loads(line)) for line in p.stdout.splitlines()]
     assert sorted(r.kind for r in readings) == ["blood_pressure", "body_weight"]
     assert {r.device.address for r in readings} == {"C0:00:00:00:5C:01", "C0:00:00:00:BC:01"}
+
+
+def test_demo_ctrl_c_exits_cleanly() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "demo", "--readings", "100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        while "patient-0001" not in proc.stdout.readline():
+            assert proc.poll() is None, "the demo ended before its first reading"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
