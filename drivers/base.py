@@ -61,13 +61,14 @@ class DriverError(Exception):
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """Strings read once from the Device Information Service (None where absent)."""
+    """Read once per connection: DIS strings and the battery level (None where absent)."""
 
     manufacturer: str | None = None
     model: str | None = None
     serial: str | None = None
     firmware: str | None = None
     system_id: str | None = None
+    battery_level: int | None = None
 
 
 @dataclass(frozen=True)

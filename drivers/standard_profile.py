@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bleak.exc import BleakError, BleakGATTProtocolError, BleakGATTProtocolErrorCode
 
@@ -26,7 +26,7 @@ from drivers.codec.date_time import (
     encode_current_time,
     encode_date_time,
 )
-from drivers.codec.device_info import decode_string, decode_system_id
+from drivers.codec.device_info import decode_battery_level, decode_string, decode_system_id
 from drivers.codec.errors import DecodeError
 
 if TYPE_CHECKING:
@@ -98,18 +98,19 @@ class StandardProfileDriver:
             return bytes(await client.read_gatt_char(uuids.full(uuid16)))
 
     async def _device_info(self, client: BleakClient) -> DeviceInfo:
-        fields: dict[str, str | None] = {}
-        for key, uuid16 in (("manufacturer", uuids.MANUFACTURER_NAME),
-                            ("model", uuids.MODEL_NUMBER),
-                            ("serial", uuids.SERIAL_NUMBER),
-                            ("firmware", uuids.FIRMWARE_REVISION),
-                            ("system_id", uuids.SYSTEM_ID)):
+        fields: dict[str, Any] = {}
+        for key, uuid16, decode in (
+                ("manufacturer", uuids.MANUFACTURER_NAME, decode_string),
+                ("model", uuids.MODEL_NUMBER, decode_string),
+                ("serial", uuids.SERIAL_NUMBER, decode_string),
+                ("firmware", uuids.FIRMWARE_REVISION, decode_string),
+                ("system_id", uuids.SYSTEM_ID, decode_system_id),
+                ("battery_level", uuids.BATTERY_LEVEL, decode_battery_level)):
             try:
                 raw = await self._read(client, uuid16)
-                decode = decode_system_id if uuid16 == uuids.SYSTEM_ID else decode_string
                 fields[key] = None if raw is None else decode(raw)
             except (BleakError, DecodeError, TimeoutError) as e:
-                # Identity strings are nice to have; a device that refuses one still measures.
+                # Identity and battery are nice to have; a device that refuses one still measures.
                 log.debug("device information 0x%04x unreadable: %s", uuid16, e)
                 fields[key] = None
         return DeviceInfo(**fields)

@@ -110,7 +110,9 @@ class Agent:
         if self.pairings.lookup(address) is None:
             self.status.saw_unknown(address)
             return
-        self.status.device(address).last_seen = _now()
+        entry = self.status.device(address)
+        entry.last_seen = _now()
+        entry.rssi = adv.rssi
         if address in self._active:
             return
         if asyncio.get_running_loop().time() < self._cooldown_until.get(address, 0.0):
@@ -184,6 +186,7 @@ class Agent:
             entry.last_error = None
             entry.clock_offset_s = stats.clock.offset_s if stats.clock else None
             entry.clock_set = stats.clock.set_ok if stats.clock else None
+            entry.battery_level = stats.info.battery_level
             if entry.clock_offset_s is not None and abs(entry.clock_offset_s) > CLOCK_DRIFT_EVENT_S:
                 self._event("clock_drift", {"device": address, "offset_s": entry.clock_offset_s,
                                             "set": entry.clock_set})

@@ -21,6 +21,8 @@ class DeviceStatus:
     readings: int = 0
     clock_offset_s: float | None = None
     clock_set: bool | None = None
+    battery_level: int | None = None
+    rssi: int | None = None
 
 
 @dataclass

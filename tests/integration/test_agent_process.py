@@ -101,6 +101,7 @@ async def test_run_delivers_and_stops_cleanly_on_sigterm(
         await status.wait_until(lambda m: any(
             p.get("outbox", {}).get("pending") == 0
             and p.get("devices", {}).get("C0:00:00:00:BC:01", {}).get("sessions_ok", 0) >= 1
+            and p["devices"]["C0:00:00:00:BC:01"]["battery_level"] == 64  # the cuff's script
             and p.get("radio") == "ok"
             for p in status.payloads()), timeout=10)
         code, log = await stop(proc)
