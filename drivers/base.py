@@ -115,6 +115,9 @@ class SessionHooks(Protocol):
     link_lost: asyncio.Event
     """Set when the device drops the link."""
 
+    known_info: DeviceInfo | None
+    """Identity read on an earlier connection; the strings need not be read again."""
+
     def device_info(self, info: DeviceInfo) -> None:
         """The device's identity strings, once per connection."""
         ...

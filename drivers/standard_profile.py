@@ -8,6 +8,7 @@ measurement to the sink (which commits it) → stop when the device leaves or go
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -46,6 +47,15 @@ QUIET_S = 5.0
 # A set clock that reads back further off than this was not really set (hass-omron #190).
 CLOCK_SET_TOLERANCE_S = 5.0
 
+_INFO_FIELDS: tuple[tuple[str, int, Callable[[bytes], Any]], ...] = (
+    ("manufacturer", uuids.MANUFACTURER_NAME, decode_string),
+    ("model", uuids.MODEL_NUMBER, decode_string),
+    ("serial", uuids.SERIAL_NUMBER, decode_string),
+    ("firmware", uuids.FIRMWARE_REVISION, decode_string),
+    ("system_id", uuids.SYSTEM_ID, decode_system_id),
+    ("battery_level", uuids.BATTERY_LEVEL, decode_battery_level),  # keep last: read every time
+)
+
 _AUTH_CODES = {
     BleakGATTProtocolErrorCode.INSUFFICIENT_AUTHENTICATION,
     BleakGATTProtocolErrorCode.INSUFFICIENT_ENCRYPTION,
@@ -83,7 +93,7 @@ class StandardProfileDriver:
 
     async def collect(self, client: BleakClient, sink: MeasurementSink, hooks: SessionHooks) -> None:
         """One connection: identity, clock, then measurements until the device is done."""
-        hooks.device_info(await self._device_info(client))
+        hooks.device_info(await self._device_info(client, hooks.known_info))
         # Clock before subscribing: the subscription is what makes many devices start sending
         # (A&D sample, health-devices.md §2.5 gateway rule).
         hooks.clock(await self._clock(client, hooks))
@@ -97,15 +107,12 @@ class StandardProfileDriver:
         async with asyncio.timeout(self.op_timeout_s):
             return bytes(await client.read_gatt_char(uuids.full(uuid16)))
 
-    async def _device_info(self, client: BleakClient) -> DeviceInfo:
-        fields: dict[str, Any] = {}
-        for key, uuid16, decode in (
-                ("manufacturer", uuids.MANUFACTURER_NAME, decode_string),
-                ("model", uuids.MODEL_NUMBER, decode_string),
-                ("serial", uuids.SERIAL_NUMBER, decode_string),
-                ("firmware", uuids.FIRMWARE_REVISION, decode_string),
-                ("system_id", uuids.SYSTEM_ID, decode_system_id),
-                ("battery_level", uuids.BATTERY_LEVEL, decode_battery_level)):
+    async def _device_info(self, client: BleakClient, known: DeviceInfo | None) -> DeviceInfo:
+        # Some devices switch off soon after connecting (A&D "E 10", health-devices.md §8.1):
+        # identity strings are read once per device; only the battery is read every time.
+        wanted = _INFO_FIELDS if known is None else _INFO_FIELDS[-1:]
+        fields: dict[str, Any] = {} if known is None else dataclasses.asdict(known)
+        for key, uuid16, decode in wanted:
             try:
                 raw = await self._read(client, uuid16)
                 fields[key] = None if raw is None else decode(raw)

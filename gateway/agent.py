@@ -13,7 +13,7 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
 from drivers import registry as drivers
-from drivers.base import Driver, Measurement
+from drivers.base import DeviceInfo, Driver, Measurement
 from gateway.ble.radio import Radio, open_radio
 from gateway.ble.session import SessionContext, SessionError, run_session
 from gateway.config import DeviceBinding, GatewayConfig
@@ -58,6 +58,7 @@ class Agent:
         self._cooldown_until: dict[str, float] = {}
         self._wanted: asyncio.Queue[tuple[BLEDevice, AdvertisementData]] = asyncio.Queue()
         self._events: set[asyncio.Task[None]] = set()
+        self._known_info: dict[str, DeviceInfo] = {}  # per address, from the first session
         self._refresh = asyncio.Event()  # the status changed: publish it now
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
@@ -175,7 +176,7 @@ class Agent:
         synced = self._clock_synced()
         self.status.hub_clock_synced = synced
         ctx = SessionContext(zone_now=self._local_now, clock_trusted=lambda: synced,
-                             on_reject=self._rejected)
+                             on_reject=self._rejected, known_info=self._known_info.get(address))
 
         async def handle(m: Measurement, c: SessionContext) -> None:
             await self._commit(m, c, address, binding, driver, synced)
@@ -187,6 +188,8 @@ class Agent:
             entry.clock_offset_s = stats.clock.offset_s if stats.clock else None
             entry.clock_set = stats.clock.set_ok if stats.clock else None
             entry.battery_level = stats.info.battery_level
+            if any((stats.info.manufacturer, stats.info.model, stats.info.serial)):
+                self._known_info[address] = stats.info
             if entry.clock_offset_s is not None and abs(entry.clock_offset_s) > CLOCK_DRIFT_EVENT_S:
                 self._event("clock_drift", {"device": address, "offset_s": entry.clock_offset_s,
                                             "set": entry.clock_set})

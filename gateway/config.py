@@ -140,6 +140,12 @@ class GatewayConfig(_Section):
     devices: tuple[DeviceBinding, ...] = ()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("radio", mode="before")
+    @classmethod
+    def _radio_shorthand(cls, v: object) -> object:
+        # `radio = "virtual"` is short for `[radio] kind = "virtual"`.
+        return {"kind": v} if isinstance(v, str) else v
+
     @property
     def outbox_path(self) -> Path:
         """Where the outbox database lives."""

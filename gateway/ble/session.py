@@ -57,8 +57,10 @@ class SessionContext:
     """The driver's hooks for one connection, and what they learnt."""
 
     def __init__(self, *, zone_now: Callable[[], dt.datetime], clock_trusted: Callable[[], bool],
-                 on_reject: Callable[[str, bytes, str], None]) -> None:
+                 on_reject: Callable[[str, bytes, str], None],
+                 known_info: DeviceInfo | None = None) -> None:
         self.link_lost = asyncio.Event()
+        self.known_info = known_info
         self.stats = SessionStats()
         self._zone_now = zone_now
         self._clock_trusted = clock_trusted

@@ -191,6 +191,8 @@ async def test_resent_stored_readings_produce_no_new_reading_ids(
     ids = [_id(m) for m in sub.messages]
     assert len(ids) == 3 and len(set(ids)) == 3
     assert agent.status.duplicates == 2
+    # Identity read on the first connection still names the device on the second.
+    assert {p["device"]["serial"] for p in sub.payloads()} == {"BP00BC01"}
 
 
 async def test_neighbours_device_never_reaches_the_broker(

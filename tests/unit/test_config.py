@@ -66,3 +66,9 @@ def test_cli_config_check_ok() -> None:
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "OK" in p.stdout
+
+
+def test_radio_shorthand() -> None:
+    assert parse_config(MINIMAL.replace("[hub]", 'radio = "virtual"\n[hub]')).radio.kind == "virtual"
+    with pytest.raises(ConfigError, match="radio.kind"):
+        parse_config(MINIMAL.replace("[hub]", 'radio = "bluetooth"\n[hub]'))
