@@ -70,5 +70,5 @@ def test_cli_config_check_ok() -> None:
 
 def test_radio_shorthand() -> None:
     assert parse_config(MINIMAL.replace("[hub]", 'radio = "virtual"\n[hub]')).radio.kind == "virtual"
-    with pytest.raises(ConfigError, match="radio.kind"):
+    with pytest.raises(ConfigError, match=r"radio\.kind"):
         parse_config(MINIMAL.replace("[hub]", 'radio = "bluetooth"\n[hub]'))
