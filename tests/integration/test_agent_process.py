@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -44,22 +46,23 @@ patient_id = "patient-1"
     return path
 
 
-VIRTUAL = """
+VIRTUAL_TEMPLATE = """
 [radio]
 kind = "virtual"
 quiet_s = 0.5
 [[radio.simulated]]
 profile = "weight_scale"
 address = "C0:00:00:00:5C:01"
-readings = 2
+readings = {n}
 interval_s = 0.3
 [[radio.simulated]]
 profile = "blood_pressure"
 address = "C0:00:00:00:BC:01"
-readings = 2
+readings = {n}
 interval_s = 0.4
 bonding_required = true
 """
+VIRTUAL = VIRTUAL_TEMPLATE.format(n=2)
 
 # An adapter that does not exist: scanning fails whether or not this machine has BlueZ.
 MISSING_ADAPTER = """
@@ -130,3 +133,43 @@ async def test_a_missing_radio_is_reported_not_fatal(
     assert code == 0
     assert "Bluetooth radio unavailable" in log
     assert "Traceback" not in log
+
+
+def outbox_rows(state: Path) -> list[tuple[str, bool]]:
+    """(reading_id, delivered) of every row, read beside the running agent (WAL allows it)."""
+    db = state / "outbox.db"
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        try:
+            rows = conn.execute("SELECT reading_id, delivered_at IS NOT NULL FROM readings").fetchall()
+        except sqlite3.OperationalError:  # schema not created yet
+            return []
+    return [(str(r[0]), bool(r[1])) for r in rows]
+
+
+async def test_kill_9_then_restart_delivers_every_committed_reading_once_by_id(
+    tmp_path: Path, broker_factory: Callable[..., Awaitable[LocalBroker]],
+    mqtt_subscriber: Subscribe
+) -> None:
+    broker = await broker_factory(persistence=True)
+    sub = await mqtt_subscriber(broker, f"rpm/{HUB}/readings", client_id="clinic", persistent=True)
+    await broker.stop()  # the clinic is unreachable while the patient measures
+    state = tmp_path / "state"
+    async with agent_process(write_config(tmp_path, broker, VIRTUAL_TEMPLATE.format(n=3))) as proc:
+        async with asyncio.timeout(30):
+            while len(outbox_rows(state)) < 6:
+                await asyncio.sleep(0.05)
+        proc.kill()  # SIGKILL: no clean shutdown of any kind
+        await proc.wait()
+    committed = {rid for rid, delivered in outbox_rows(state) if not delivered}
+    assert len(committed) == 6
+    await broker.start()
+    # A fresh agent on the same disk, with devices that have nothing new to send.
+    async with agent_process(write_config(tmp_path, broker, VIRTUAL_TEMPLATE.format(n=0))) as proc:
+        await sub.wait_until(lambda m: len({json.loads(bytes(x.payload))["reading_id"]
+                                            for x in m}) >= 6, timeout=30)
+        code, _ = await stop(proc)
+    assert code == 0
+    assert {p["reading_id"] for p in sub.payloads()} == committed
+    assert all(delivered for _, delivered in outbox_rows(state))
