@@ -203,10 +203,14 @@ class Agent:
             entry.sessions_failed += 1
             entry.last_error = f"storage: {e}"
             log.error("%s: could not store a reading, session ended: %s", address, e)
-        except Exception:
-            # A driver bug must cost one session, never the agent.
+        except Exception as e:
+            # A driver bug must cost one session, never the agent. Its message may quote values
+            # (a validation error does), so only the type above debug level.
             entry.sessions_failed += 1
-            log.exception("%s: session failed unexpectedly", address)
+            entry.last_error = f"internal error: {type(e).__name__}"
+            log.error("%s: session failed on an internal error (%s); set log_level = \"debug\" "
+                      "for the traceback", address, type(e).__name__)
+            log.debug("session failure", exc_info=True)
         finally:
             entry.last_session = _now()
             self._active.discard(address)
