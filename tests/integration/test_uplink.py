@@ -277,17 +277,20 @@ async def acl_broker(
 
 
 async def test_broker_refusal_keeps_the_reading_queued(
-    acl_broker: LocalBroker, outbox: Outbox, mqtt_subscriber: Subscribe
+    acl_broker: LocalBroker, outbox: Outbox, mqtt_subscriber: Subscribe,
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     # aiomqtt's publish() returns normally on a PUBACK that says "not authorized" (MQTT 5);
     # the uplink must not count that as delivered.
     sub = await mqtt_subscriber(acl_broker, READINGS)
     await outbox.put(make_item(1))
     uplink = Uplink(mqtt_cfg(acl_broker.host, acl_broker.port), HUB, outbox, status_provider)
-    async with running(uplink):
-        await eventually(lambda: uplink.counters.rejected >= 3, "refused, then retried")
-        assert uplink.protocol == "5"
-    assert "0x87" in (uplink.last_error or "")
+    with caplog.at_level(logging.WARNING, logger="gateway.uplink"):
+        async with running(uplink):
+            await eventually(lambda: uplink.counters.rejected >= 3, "refused, then retried")
+            assert uplink.protocol == "5"
+    # (last_error is cleared by every reconnect, so the log is where the reason stays.)
+    assert "broker refused reading seq 1 (0x87 Not authorized)" in caplog.text
     assert await pending_count(outbox) == 1 and uplink.counters.acked == 0
     assert sub.messages == []
     # Refused right after every CONNACK: the backoff grew instead of hammering the broker.
