@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -83,6 +84,9 @@ class _AckingClient(aiomqtt.Client):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
+        # Called on the PUBACK even when the publishing task was cancelled meanwhile (shutdown),
+        # so a reading the broker has taken is not left pending and sent again needlessly.
+        self._ack_callbacks: dict[int, Callable[[ReasonCode], None]] = {}
         super().__init__(*args, **kwargs)
 
     def _on_publish(
@@ -94,16 +98,27 @@ class _AckingClient(aiomqtt.Client):
         properties: Properties,
     ) -> None:
         # paho calls this from the PUBACK handler, on the event loop (aiomqtt's socket reader).
+        callback = self._ack_callbacks.pop(mid, None)
+        if callback is not None:
+            callback(reason_code)
         fut = self._acks.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result(reason_code)
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
-    async def publish_acked(self, topic: str, payload: bytes, *, retain: bool = False) -> ReasonCode:
-        """Publish at QoS 1 and return the PUBACK's reason code (callers bound the wait)."""
+    async def publish_acked(
+        self, topic: str, payload: bytes, *, retain: bool = False,
+        on_ack: Callable[[ReasonCode], None] | None = None,
+    ) -> ReasonCode:
+        """Publish at QoS 1 and return the PUBACK's reason code (callers bound the wait).
+
+        `on_ack` runs when the PUBACK arrives, even if this call was cancelled by then.
+        """
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise ConnectionLostError(f"cannot publish: {paho.error_string(info.rc)}")
+        if on_ack is not None:
+            self._ack_callbacks[info.mid] = on_ack
         # Registered after paho.publish returns: the PUBACK can only be read by a later loop
         # callback, so it cannot have arrived yet.
         fut: asyncio.Future[ReasonCode] = asyncio.get_running_loop().create_future()
@@ -394,25 +409,33 @@ class Uplink:
         try:
             self._published += 1
             log.debug("uplink: publishing seq %d reading %s", item.seq, item.reading_id)
-            rc = await self._publish(client, self.topic(item.topic), item.payload)
+            rc = await self._publish(client, self.topic(item.topic), item.payload,
+                                     on_ack=functools.partial(self._record_ack, item.seq))
             if rc.is_failure:
                 self._rejected += 1
                 # Kept pending and retried after a reconnect: dropping it would lose a reading.
                 raise PublishRejectedError(
                     f"broker refused reading seq {item.seq} ({rc.value:#04x} {rc}); it stays queued"
                 )
-            self._acked_count += 1
-            self._acked.append(item.seq)
-            self._acked_ready.set()
         finally:
             window.release()
 
+    def _record_ack(self, seq: int, rc: ReasonCode) -> None:
+        # Runs from the PUBACK itself, so a shutdown that cancels the delivery task still
+        # marks what the broker took (the goodbye's own PUBACK comes after these).
+        if rc.is_failure:
+            return
+        self._acked_count += 1
+        self._acked.append(seq)
+        self._acked_ready.set()
+
     async def _publish(
-        self, client: _AckingClient, topic: str, payload: bytes, *, retain: bool = False
+        self, client: _AckingClient, topic: str, payload: bytes, *, retain: bool = False,
+        on_ack: Callable[[ReasonCode], None] | None = None,
     ) -> ReasonCode:
         try:
             async with asyncio.timeout(self._cfg.publish_timeout_s):
-                return await client.publish_acked(topic, payload, retain=retain)
+                return await client.publish_acked(topic, payload, retain=retain, on_ack=on_ack)
         except TimeoutError as e:
             raise PublishTimeoutError(
                 f"no PUBACK within {self._cfg.publish_timeout_s}s on {topic}"
