@@ -55,10 +55,6 @@ class Measurement(BaseModel):
     raw: bytes = Field(exclude=True)
 
 
-class DriverError(Exception):
-    """A device did not behave as its profile says; the message is for a person."""
-
-
 @dataclass(frozen=True)
 class DeviceInfo:
     """Read once per connection: DIS strings and the battery level (None where absent)."""
@@ -73,10 +69,9 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class ClockCheck:
-    """The device clock as read at connection, against the hub's UTC clock at the same moment."""
+    """The device clock as read at connection, and its offset from the hub's local clock."""
 
     device_time: dt.datetime | None
-    hub_time: dt.datetime
     offset_s: float | None
     set_ok: bool
 
@@ -117,6 +112,12 @@ class SessionHooks(Protocol):
 
     known_info: DeviceInfo | None
     """Identity read on an earlier connection; the strings need not be read again."""
+
+    op_timeout_s: float
+    """Deadline for one GATT operation (radio.operation_timeout_s)."""
+
+    quiet_s: float
+    """Silence after which the session ends (radio.quiet_s)."""
 
     def device_info(self, info: DeviceInfo) -> None:
         """The device's identity strings, once per connection."""

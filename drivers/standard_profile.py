@@ -38,14 +38,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# One GATT operation; bleak's BlueZ backend has no timeout of its own on reads and writes
-# (hass-omron #110, field-lessons.md §3.2).
-OPERATION_TIMEOUT_S = 10.0
-# Wait after the last indication before we end the session ourselves; most devices
-# disconnect first (derdilla survey, obniz; health-devices.md §8.4).
-QUIET_S = 5.0
 # A set clock that reads back further off than this was not really set (hass-omron #190).
 CLOCK_SET_TOLERANCE_S = 5.0
+# Bonding is a few round trips plus the device's own confirmation.
+PAIRING_TIMEOUT_FACTOR = 3
 
 _INFO_FIELDS: tuple[tuple[str, int, Callable[[bytes], Any]], ...] = (
     ("manufacturer", uuids.MANUFACTURER_NAME, decode_string),
@@ -71,21 +67,19 @@ def needs_pairing(err: BaseException) -> bool:
     return "authentication" in text or "encryption" in text
 
 
-class _DeviceLeft(Exception):
-    pass
-
-
 @dataclass(frozen=True)
 class StandardProfileDriver:
-    """A SIG profile device: matched by its service UUID, read through indications."""
+    """A SIG profile device: matched by its service UUID, read through indications.
+
+    Timeouts come from the session (`hooks.op_timeout_s`, `hooks.quiet_s`: the radio config),
+    because bleak's BlueZ backend puts none on reads and writes (hass-omron #110).
+    """
 
     name: str
     version: str
     service: int
     measurement: int
     decode: Callable[[bytes], Measurement]
-    op_timeout_s: float = OPERATION_TIMEOUT_S
-    quiet_s: float = QUIET_S
 
     def matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
         """True when the advertisement lists this profile's service."""
@@ -93,7 +87,7 @@ class StandardProfileDriver:
 
     async def collect(self, client: BleakClient, sink: MeasurementSink, hooks: SessionHooks) -> None:
         """One connection: identity, clock, then measurements until the device is done."""
-        hooks.device_info(await self._device_info(client, hooks.known_info))
+        hooks.device_info(await self._device_info(client, hooks))
         # Clock before subscribing: the subscription is what makes many devices start sending
         # (A&D sample, health-devices.md §2.5 gateway rule).
         hooks.clock(await self._clock(client, hooks))
@@ -101,20 +95,22 @@ class StandardProfileDriver:
 
     # -- identity ---------------------------------------------------------------------------
 
-    async def _read(self, client: BleakClient, uuid16: int) -> bytes | None:
+    @staticmethod
+    async def _read(client: BleakClient, uuid16: int, hooks: SessionHooks) -> bytes | None:
         if client.services.get_characteristic(uuids.full(uuid16)) is None:
             return None
-        async with asyncio.timeout(self.op_timeout_s):
+        async with asyncio.timeout(hooks.op_timeout_s):
             return bytes(await client.read_gatt_char(uuids.full(uuid16)))
 
-    async def _device_info(self, client: BleakClient, known: DeviceInfo | None) -> DeviceInfo:
+    async def _device_info(self, client: BleakClient, hooks: SessionHooks) -> DeviceInfo:
         # Some devices switch off soon after connecting (A&D "E 10", health-devices.md §8.1):
         # identity strings are read once per device; only the battery is read every time.
+        known = hooks.known_info
         wanted = _INFO_FIELDS if known is None else _INFO_FIELDS[-1:]
         fields: dict[str, Any] = {} if known is None else dataclasses.asdict(known)
         for key, uuid16, decode in wanted:
             try:
-                raw = await self._read(client, uuid16)
+                raw = await self._read(client, uuid16, hooks)
                 fields[key] = None if raw is None else decode(raw)
             except (BleakError, DecodeError, TimeoutError) as e:
                 # Identity and battery are nice to have; a device that refuses one still measures.
@@ -124,25 +120,31 @@ class StandardProfileDriver:
 
     # -- clock ------------------------------------------------------------------------------
 
+    async def _read_clock(
+        self, client: BleakClient, hooks: SessionHooks, *, use_cts: bool
+    ) -> dt.datetime | None:
+        """The device clock (CTS or Date Time); None if absent or unknown (year 0)."""
+        raw = await self._read(client, uuids.CURRENT_TIME if use_cts else uuids.DATE_TIME, hooks)
+        if raw is None:
+            return None
+        stamp = decode_current_time(raw).date_time if use_cts else decode_date_time(raw)
+        return stamp.to_datetime()
+
     async def _clock(self, client: BleakClient, hooks: SessionHooks) -> ClockCheck:
-        hub_utc = dt.datetime.now(dt.UTC)
         device_time: dt.datetime | None = None
         offset: float | None = None
-        set_ok = False
         has_cts = client.services.get_characteristic(uuids.full(uuids.CURRENT_TIME)) is not None
         has_dt = client.services.get_characteristic(uuids.full(uuids.DATE_TIME)) is not None
         try:
-            raw = await self._read(client, uuids.CURRENT_TIME if has_cts else uuids.DATE_TIME)
-            if raw is not None:
-                stamp = decode_current_time(raw).date_time if has_cts else decode_date_time(raw)
-                device_time = stamp.to_datetime()
-                if device_time is not None:
-                    offset = (device_time - hooks.local_now()).total_seconds()
+            device_time = await self._read_clock(client, hooks, use_cts=has_cts)
+            if device_time is not None:
+                offset = (device_time - hooks.local_now()).total_seconds()
         except (BleakError, DecodeError, TimeoutError) as e:
             log.debug("device clock unreadable: %s", e)
+        set_ok = False
         if (has_cts or has_dt) and hooks.hub_clock_trusted():
             set_ok = await self._set_clock(client, hooks, use_cts=has_cts)
-        return ClockCheck(device_time=device_time, hub_time=hub_utc, offset_s=offset, set_ok=set_ok)
+        return ClockCheck(device_time=device_time, offset_s=offset, set_ok=set_ok)
 
     async def _set_clock(self, client: BleakClient, hooks: SessionHooks, *, use_cts: bool) -> bool:
         now = hooks.local_now()
@@ -150,19 +152,12 @@ class StandardProfileDriver:
         value = (encode_current_time(CurrentTime.from_datetime(now)) if use_cts
                  else encode_date_time(DateTime.from_datetime(now)))
         try:
-            async with asyncio.timeout(self.op_timeout_s):
+            async with asyncio.timeout(hooks.op_timeout_s):
                 await client.write_gatt_char(uuids.full(uuid16), value, response=True)
-            raw = await self._read(client, uuid16)
-        except (BleakError, TimeoutError) as e:
+            readback = await self._read_clock(client, hooks, use_cts=use_cts)
+        except (BleakError, DecodeError, TimeoutError) as e:
             log.info("device refused the clock write: %s", e)
             return False
-        if raw is None:
-            return False
-        try:
-            stamp = decode_current_time(raw).date_time if use_cts else decode_date_time(raw)
-        except DecodeError:
-            return False
-        readback = stamp.to_datetime()
         if readback is None:
             return False
         return abs((readback - hooks.local_now()).total_seconds()) <= CLOCK_SET_TOLERANCE_S
@@ -177,12 +172,14 @@ class StandardProfileDriver:
         def on_value(_: BleakGATTCharacteristic, data: bytearray) -> None:
             queue.put_nowait(bytes(data))
 
-        await self._start_notify(client, on_value)
+        await self._start_notify(client, on_value, hooks)
         watch = asyncio.create_task(self._watch_link(hooks.link_lost, queue))
         try:
             while True:
+                # Most devices hang up once they have sent everything (derdilla survey, obniz;
+                # health-devices.md §8.4); for the others, silence ends the session.
                 try:
-                    async with asyncio.timeout(self.quiet_s):
+                    async with asyncio.timeout(hooks.quiet_s):
                         data = await queue.get()
                 except TimeoutError:
                     return
@@ -206,11 +203,13 @@ class StandardProfileDriver:
             return
         await sink(measurement)
 
-    async def _start_notify(self, client: BleakClient, callback: Callable[
-            [BleakGATTCharacteristic, bytearray], None]) -> None:
+    async def _start_notify(
+        self, client: BleakClient, callback: Callable[[BleakGATTCharacteristic, bytearray], None],
+        hooks: SessionHooks,
+    ) -> None:
         target = uuids.full(self.measurement)
         try:
-            async with asyncio.timeout(self.op_timeout_s):
+            async with asyncio.timeout(hooks.op_timeout_s):
                 await client.start_notify(target, callback)
         except BleakError as e:
             if not needs_pairing(e):
@@ -218,9 +217,9 @@ class StandardProfileDriver:
             # The CCCD of a medical measurement usually needs an encrypted link (§6):
             # bond, then subscribe again.
             log.info("device requires bonding; pairing")
-            async with asyncio.timeout(self.op_timeout_s * 3):
+            async with asyncio.timeout(hooks.op_timeout_s * PAIRING_TIMEOUT_FACTOR):
                 await client.pair()
-            async with asyncio.timeout(self.op_timeout_s):
+            async with asyncio.timeout(hooks.op_timeout_s):
                 await client.start_notify(target, callback)
 
     @staticmethod

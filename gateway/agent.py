@@ -175,14 +175,14 @@ class Agent:
         entry = self.status.device(address)
         synced = self._clock_synced()
         self.status.hub_clock_synced = synced
-        ctx = SessionContext(zone_now=self._local_now, clock_trusted=lambda: synced,
+        ctx = SessionContext(self.cfg.radio, zone_now=self._local_now, clock_trusted=lambda: synced,
                              on_reject=self._rejected, known_info=self._known_info.get(address))
 
         async def handle(m: Measurement, c: SessionContext) -> None:
             await self._commit(m, c, address, binding, driver, synced)
 
         try:
-            stats = await run_session(radio, device, binding, driver, self.cfg.radio, ctx, handle)
+            stats = await run_session(radio, device, driver, self.cfg.radio, ctx, handle)
             entry.sessions_ok += 1
             entry.last_error = None
             entry.clock_offset_s = stats.clock.offset_s if stats.clock else None

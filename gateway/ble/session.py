@@ -22,7 +22,7 @@ from tenacity import (
 from drivers.base import ClockCheck, DeviceInfo, Driver, Measurement
 from drivers.standard_profile import needs_pairing
 from gateway.ble.radio import Radio
-from gateway.config import DeviceBinding, RadioConfig
+from gateway.config import RadioConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,13 @@ MeasurementHandler = Callable[[Measurement, "SessionContext"], Awaitable[None]]
 class SessionContext:
     """The driver's hooks for one connection, and what they learnt."""
 
-    def __init__(self, *, zone_now: Callable[[], dt.datetime], clock_trusted: Callable[[], bool],
-                 on_reject: Callable[[str, bytes, str], None],
+    def __init__(self, cfg: RadioConfig, *, zone_now: Callable[[], dt.datetime],
+                 clock_trusted: Callable[[], bool], on_reject: Callable[[str, bytes, str], None],
                  known_info: DeviceInfo | None = None) -> None:
         self.link_lost = asyncio.Event()
         self.known_info = known_info
+        self.op_timeout_s = cfg.operation_timeout_s
+        self.quiet_s = cfg.quiet_s
         self.stats = SessionStats()
         self._zone_now = zone_now
         self._clock_trusted = clock_trusted
@@ -94,7 +96,6 @@ class SessionContext:
 async def run_session(
     radio: Radio,
     device: BLEDevice,
-    binding: DeviceBinding,
     driver: Driver,
     cfg: RadioConfig,
     ctx: SessionContext,

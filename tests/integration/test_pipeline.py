@@ -244,3 +244,18 @@ async def test_shared_cuff_only_the_bound_user_slot_is_published(
             await until(lambda: agent.status.other_user == 1)
             await asyncio.sleep(0.3)
     assert [(r["user_index"], r["observations"][0]["value"]) for r in sub.payloads()] == [(1, 122.0)]
+
+
+async def test_radio_quiet_s_ends_a_session_with_a_device_that_never_hangs_up(
+    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+) -> None:
+    # Some devices stay connected after sending; the configured silence (0.5 s here) must end
+    # the session, not a constant in the driver (it used to wait 5 s whatever the config said).
+    sub = await mqtt_subscriber(mosquitto, READINGS)
+    async with VirtualRadio() as radio:
+        cuff = demo_cuff(CUFF, readings=[bp(120, 80, 93, 70, 5)], quiet_s=60, idle_timeout_s=60)
+        await radio.add_peripheral(cuff)
+        async with running(config(tmp_path, mosquitto), radio) as agent:
+            await sub.wait_for(1, timeout=15)
+            await until(lambda: agent.status.device(CUFF).sessions_ok == 1, timeout=3)
+            assert cuff.connection_count == 1

@@ -42,7 +42,7 @@ def test_payload_fields() -> None:
 
 
 def test_clock_offset_corrects_only_when_hub_clock_synced() -> None:
-    clock = ClockCheck(device_time=None, hub_time=RECEIVED, offset_s=120.0, set_ok=True)
+    clock = ClockCheck(device_time=None, offset_s=120.0, set_ok=True)
     corrected = build(BPM, clock)
     assert corrected.time_source == "device_clock_corrected"
     assert corrected.measured_at == dt.datetime(2025, 3, 14, 12, 50, 10, tzinfo=dt.UTC)
@@ -54,7 +54,7 @@ def test_clock_offset_corrects_only_when_hub_clock_synced() -> None:
 
 def test_same_bytes_same_id_regardless_of_session() -> None:
     a = build(BPM, None)
-    b = build(BPM, ClockCheck(device_time=None, hub_time=RECEIVED, offset_s=5.0, set_ok=True))
+    b = build(BPM, ClockCheck(device_time=None, offset_s=5.0, set_ok=True))
     assert a.reading_id == b.reading_id
 
 
