@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from drivers.codec.weight import USER_UNKNOWN
+
 if TYPE_CHECKING:
     from bleak import BleakClient
     from bleak.backends.device import BLEDevice
@@ -25,6 +27,11 @@ STATUS_FLAGS = (
     "pulse_below_range",
     "improper_position",
 )
+
+
+def user_slot(user_id: int | None) -> int | None:
+    """The device's user slot, or None: 0xFF is "unknown user" (health-devices.md §3.1, §4.1)."""
+    return None if user_id in (None, USER_UNKNOWN) else user_id
 
 
 class Observation(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from drivers import uuids
-from drivers.base import Measurement, Observation
+from drivers.base import Measurement, Observation, user_slot
 from drivers.codec.weight import WeightMeasurement, decode_weight_measurement
 from drivers.standard_profile import StandardProfileDriver
 
@@ -40,8 +40,7 @@ def decode_weight(raw: bytes) -> Measurement:
         observations=weight_observations(m),
         valid=m.successful,
         device_time=m.timestamp.to_datetime() if m.timestamp else None,
-        # 0xFF is "unknown user" (§3.1): no slot to attribute by.
-        user_index=None if m.user_id in (None, 0xFF) else m.user_id,
+        user_index=user_slot(m.user_id),
         characteristic="2a9d",
         raw=bytes(raw),
     )
