@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from gateway.config import DeviceBinding
 
@@ -19,6 +19,3 @@ class Pairings:
 
     def __len__(self) -> int:
         return len(self._by_address)
-
-    def __iter__(self) -> Iterator[DeviceBinding]:
-        return iter(self._by_address.values())

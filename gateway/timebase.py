@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import datetime as dt
+import functools
 import hashlib
 from zoneinfo import ZoneInfo
 
@@ -61,14 +61,23 @@ class _Timex(ctypes.Structure):
 _TIME_ERROR = 5  # adjtimex(2): clock not synchronised
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # The process's own symbols include libc's; ctypes.util.find_library would run ldconfig
+    # (a subprocess) on every call, and this is asked at the start of every device session.
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def hub_clock_synced() -> bool:
     """True when the kernel says the clock is NTP-synchronised (adjtimex is not TIME_ERROR)."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
         state = int(libc.adjtimex(ctypes.byref(_Timex())))
-    except (OSError, AttributeError):
+    except AttributeError:  # no adjtimex: not Linux
         return False
     return state not in (-1, _TIME_ERROR)
