@@ -13,6 +13,8 @@ from bleak import BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementDataCallback
 
+from drivers.simulated.blood_pressure import demo_bp_readings, demo_cuff
+from drivers.simulated.weight_scale import demo_scale, demo_weight_readings
 from gateway.config import RadioConfig, SimulatedDeviceConfig
 from gateway.sim.backend import VirtualClientBackend, VirtualScannerBackend
 from gateway.sim.radio import VirtualRadio
@@ -41,24 +43,24 @@ class VirtualBleakRadio:
                            backend=VirtualClientBackend, radio=self.radio)
 
 
+# Per profile: the ready-made device and its realistic readings (this module is sim-only).
+_PROFILES: dict[str, tuple[Callable[..., Any], Callable[[int], Sequence[Any]]]] = {
+    "blood_pressure": (demo_cuff, demo_bp_readings),
+    "weight_scale": (demo_scale, demo_weight_readings),
+}
+
+
 def simulated_device(spec: SimulatedDeviceConfig) -> Any:
     """A simulated device for one config entry, with an empty memory (it measures on cue)."""
-    from drivers.simulated.blood_pressure import demo_cuff  # noqa: PLC0415
-    from drivers.simulated.weight_scale import demo_scale  # noqa: PLC0415
-
-    make = demo_cuff if spec.profile == "blood_pressure" else demo_scale
+    make, _ = _PROFILES[spec.profile]
     extra: dict[str, Any] = {} if spec.name is None else {"name": spec.name}
     return make(spec.address, readings=[], bonding_required=spec.bonding_required,
                 clock_offset_s=spec.clock_offset_s, **extra)
 
 
 async def _measure_on_schedule(device: Any, spec: SimulatedDeviceConfig) -> None:
-    from drivers.simulated.blood_pressure import demo_bp_readings  # noqa: PLC0415
-    from drivers.simulated.weight_scale import demo_weight_readings  # noqa: PLC0415
-
-    make = demo_bp_readings if spec.profile == "blood_pressure" else demo_weight_readings
-    readings: Sequence[Any] = make(spec.readings)
-    for reading in readings:
+    _, readings = _PROFILES[spec.profile]
+    for reading in readings(spec.readings):
         await asyncio.sleep(spec.interval_s)
         # Taken now and stamped by the device's own (possibly wrong) clock, as a real one does.
         await device.measure(dataclasses.replace(reading, timestamp=None), stamp=True)
