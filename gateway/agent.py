@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import signal
@@ -240,8 +241,7 @@ class Agent:
             ctx.stats.duplicates += 1
             self.status.duplicates += 1
         else:
-            self.status.rejected_full += 1
-            self._event("storage_pressure", {"device": address, "rejected": self.status.rejected_full})
+            self._event("storage_pressure", {"device": address, "when_full": self.cfg.outbox.when_full})
 
     def _rejected(self, characteristic: str, raw: bytes, reason: str) -> None:
         self.status.decode_errors += 1
@@ -270,9 +270,7 @@ class Agent:
                     last_prune = loop.time()
                     await outbox.prune()
                 stats = await outbox.stats()
-                self.status.outbox_pending = stats.pending
-                self.status.outbox_oldest_pending = (
-                    None if stats.oldest_pending is None else str(stats.oldest_pending))
+                self.status.outbox = dataclasses.asdict(stats)
             except OutboxError as e:
                 log.error("outbox housekeeping failed: %s", e)
             if self.uplink is not None:

@@ -127,7 +127,7 @@ class OutboxStats:
     delivered: int
     db_bytes: int
     rejected_full: int  # new readings refused by the reject_new policy, ever
-    dropped: int  # pending readings deleted by the drop_oldest policy, ever
+    dropped: int  # undelivered readings deleted (drop_oldest, or older than the age limit), ever
 
 
 def _utc_now() -> datetime:

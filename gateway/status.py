@@ -35,11 +35,10 @@ class HubStatus:
     stored: int = 0
     duplicates: int = 0
     decode_errors: int = 0
-    rejected_full: int = 0
     other_user: int = 0
     unknown_seen: set[str] = field(default_factory=set)
-    outbox_pending: int = 0
-    outbox_oldest_pending: str | None = None
+    # The outbox's own persisted counters (OutboxStats), refreshed after every session.
+    outbox: dict[str, object] = field(default_factory=dict)
     hub_clock_synced: bool = False
     radio: str = "starting"
 
@@ -66,10 +65,9 @@ class HubStatus:
             "readings_stored": self.stored,
             "duplicates_ignored": self.duplicates,
             "decode_errors": self.decode_errors,
-            "rejected_outbox_full": self.rejected_full,
             "other_user_slot_ignored": self.other_user,
             "unknown_devices_seen": len(self.unknown_seen),
-            "outbox": {"pending": self.outbox_pending, "oldest_pending": self.outbox_oldest_pending},
+            "outbox": self.outbox,
             "devices": {a: vars(d) for a, d in sorted(self.devices.items())},
         }
 
