@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("characteristic", help="UUID: 2a35, 0x2A35 or the 128-bit form")
     dec.add_argument("hex", nargs="+", help="the value's bytes in hex, e.g. '1E 80 00 52 00 ...'")
 
+    # Simulated devices in a process of their own (sim extra only; never imported on the hub).
+    sim = sub.add_parser("simulate", help="simulated devices in their own process, for an agent "
+                         "on radio.kind = \"virtual\" with radio.link set (development only)",
+                         add_help=False)
+    sim.add_argument("simulate_args", nargs=argparse.REMAINDER)
+
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = cfg_sub.add_parser("check", help="validate a config file")
@@ -95,6 +101,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                 broker=args.broker))
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from gateway.sim.simulate_cli import main as simulate_main  # noqa: PLC0415
+
+    return simulate_main(args.simulate_args)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.path)
     print(f"{args.path}: OK: hub {cfg.hub.id}, radio {cfg.radio.kind}, "
@@ -105,7 +117,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (sysexits codes)."""
     args = _parser().parse_args(argv)
-    handlers = {"decode": _cmd_decode, "run": _cmd_run, "demo": _cmd_demo, "config": _cmd_config}
+    handlers = {"decode": _cmd_decode, "run": _cmd_run, "demo": _cmd_demo, "config": _cmd_config,
+                "simulate": _cmd_simulate}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

@@ -74,8 +74,14 @@ class MqttConfig(_Section):
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     inflight: Annotated[int, Field(ge=1, le=1000)] = 20
     reconnect_min_s: Annotated[float, Field(gt=0)] = 1.0
-    reconnect_max_s: Annotated[float, Field(gt=0)] = 300.0
+    # Full jitter up to this ceiling: a hub comes back within a minute of the broker, and a
+    # fleet that lost it together does not reconnect in step.
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 60.0
     publish_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # A reading the broker refuses for good is quarantined and offered again this rarely.
+    quarantine_retry_s: Annotated[float, Field(gt=0)] = 3600.0
+    # Wrong credentials will not fix themselves: retry rarely instead of hammering the broker.
+    auth_retry_s: Annotated[float, Field(gt=0)] = 600.0
     tls: TlsConfig | None = None
 
 
@@ -88,6 +94,9 @@ class OutboxConfig(_Section):
     when_full: Literal["reject_new", "drop_oldest"] = "reject_new"
     # Delivered readings are kept (not re-published) for de-duplication and days-with-data.
     keep_delivered_days: Annotated[int, Field(ge=31)] = 90
+    # Below this much free space on the outbox's filesystem no device is read: SQLite's WAL
+    # needs room to commit, and a device forgets what it indicated.
+    min_free_mb: Annotated[float, Field(ge=0.25)] = 2.0
 
 
 class SimulatedDeviceConfig(_Section):
@@ -113,7 +122,13 @@ class RadioConfig(_Section):
     session_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     quiet_s: Annotated[float, Field(gt=0)] = 5.0
     connect_attempts: Annotated[int, Field(ge=1, le=10)] = 4
+    # After a session that brought nothing, wait longer before the next (doubling up to this),
+    # so a device that never stops advertising is not reconnected every few seconds.
+    idle_backoff_max_s: Annotated[float, Field(gt=0)] = 300.0
     simulated: tuple[SimulatedDeviceConfig, ...] = ()
+    # Virtual radio only: None puts the simulated devices in this process; "tcp:HOST:PORT"
+    # reaches devices run by `rpm-gateway simulate` in another process.
+    link: str | None = None
 
 
 class DeviceBinding(_Section):
