@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck unit mosquitto schema clean
+.PHONY: venv demo test lint typecheck unit mosquitto schema clean faults faults-long bench
 
 venv: $(VENV)/.installed
 
@@ -23,10 +23,22 @@ test: venv mosquitto lint typecheck
 	$(BIN)/pytest -q
 
 lint: venv
-	$(BIN)/ruff check gateway drivers tests
+	$(BIN)/ruff check gateway drivers tests faults bench
 
 typecheck: venv
 	$(BIN)/mypy gateway drivers
+
+# The fault matrix: real processes (agent, simulated devices, mosquitto) under real faults;
+# one row per fault, non-zero exit on any loss outside the measured commit window.
+faults: venv mosquitto
+	$(BIN)/python -m faults
+
+faults-long: venv mosquitto
+	$(BIN)/python -m faults --long
+
+# Benchmarks against baselines measured in the same run; writes bench/results.json.
+bench: venv mosquitto
+	$(BIN)/python -m bench
 
 # The integration tests need a real mosquitto; install it from Debian when we can.
 mosquitto:
