@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from faults.proxy import TcpProxy
 from gateway.broker import BrokerNotFoundError, LocalBroker
 from gateway.config import OutboxConfig
 from gateway.outbox import Outbox, OutboxItem
@@ -186,83 +186,6 @@ async def mqtt_subscriber() -> AsyncIterator[Callable[..., Awaitable[MqttSubscri
     yield start
     for sub in started:
         await sub.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class TcpProxy:
-    """A loopback TCP proxy that can cut live connections and refuse new ones (a network fault)."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.host = "127.0.0.1"
-        self.port = _free_port()
-        self._target = (target_host, target_port)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._stalled: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.connections = 0
-
-    async def start(self) -> None:
-        """Listen (again) on the same port."""
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, reuse_address=True
-        )
-
-    async def stop_listening(self) -> None:
-        """Refuse new connections (existing ones stay up)."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    def stall(self) -> None:
-        """Silently discard all further traffic on the live connections (a black-holed link)."""
-        self._stalled |= self._writers
-
-    def sever(self) -> None:
-        """Cut every live connection abruptly, as a dead network link would."""
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
-
-    async def close(self) -> None:
-        """Stop listening, cut connections and stop the copy tasks."""
-        await self.stop_listening()
-        self.sever()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.connections += 1
-        self._writers |= {writer, up_writer}
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                if dst in self._stalled:
-                    continue
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            dst.transport.abort()
-            self._writers.discard(dst)
 
 
 @pytest.fixture
