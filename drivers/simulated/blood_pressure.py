@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import random
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from bumble.device import Connection
@@ -46,7 +47,11 @@ DEFAULT_FEATURE = BloodPressureFeature(
 DEMO_CUFF_ADDRESS = "D4:5C:A1:E0:00:02"
 """A static random address (top bits 11)."""
 
-_DEFLATION_STEP_MMHG = 12  # spacing of the intermediate pressures sent before a result
+# Spacing of the intermediate pressures sent before a result, in the frame's own unit: 12 mmHg
+# is 1.6 kPa (1 mmHg = 0.1333 kPa), and kPa values keep one decimal as kPa cuffs display them.
+_DEFLATION_STEP = {False: Decimal(12), True: Decimal("1.6")}
+_RESOLUTION = {False: Decimal(1), True: Decimal("0.1")}
+_DEFAULT_SYSTOLIC = {False: Decimal(120), True: Decimal("16.0")}  # when the result is NaN
 
 
 class SimulatedBloodPressureMonitor(SimulatedDevice[BloodPressureMeasurement]):
@@ -98,9 +103,7 @@ class SimulatedBloodPressureMonitor(SimulatedDevice[BloodPressureMeasurement]):
         if self._icp is None or isinstance(frame, bytes):
             return
         device = self._require_device()
-        top = (frame.systolic.value or 120) + _DEFLATION_STEP_MMHG * self.intermediate_frames
-        for step in range(self.intermediate_frames):
-            pressure = MedFloat.of(int(top) - _DEFLATION_STEP_MMHG * step)
+        for pressure in intermediate_pressures(frame, self.intermediate_frames):
             # §4.2: the current pressure rides in the systolic slot; diastolic and MAP are NaN.
             payload = encode_intermediate_cuff_pressure(
                 BloodPressureMeasurement(
@@ -117,6 +120,15 @@ class SimulatedBloodPressureMonitor(SimulatedDevice[BloodPressureMeasurement]):
                 await device.notify_subscriber(connection, self._icp, payload)
             if subscribed:
                 self.intermediate_sent.append(payload)
+
+
+def intermediate_pressures(frame: BloodPressureMeasurement, count: int) -> list[MedFloat]:
+    """`count` falling cuff pressures above the frame's systolic, in the frame's unit."""
+    step, resolution = _DEFLATION_STEP[frame.kpa], _RESOLUTION[frame.kpa]
+    result = frame.systolic.value
+    top = (result if result is not None else _DEFAULT_SYSTOLIC[frame.kpa]) + step * count
+    # Quantized so the mantissa fits an SFLOAT (12 bits) whatever precision the result had.
+    return [MedFloat.of((top - step * i).quantize(resolution)) for i in range(count)]
 
 
 def demo_bp_readings(

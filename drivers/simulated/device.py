@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar
+from zoneinfo import ZoneInfo
 
 from bumble import hci
 from bumble.att import ATT_Error, ErrorCode
@@ -69,6 +70,13 @@ _AD_SERVICE_DATA16, _AD_MANUFACTURER = 0x16, 0xFF
 _FLAGS_LE_GENERAL_NO_BREDR = 0x06
 LEGACY_ADV_MAX = 31  # Core Vol 6 Part B §2.3.1.1
 
+DEFAULT_ZONE = ZoneInfo("UTC")
+"""The zone a simulated clock keeps unless told the hub's: UTC, as the hub config's default.
+
+Never the machine's own zone: the hub measures drift against its configured zone, so a clock
+set from the machine's zone would read hours off on a machine in another zone.
+"""
+
 OP_TIMEOUT_S = 10.0
 """Bound for one operation of a simulated device (an indication, a hang-up, a key store call)."""
 
@@ -102,7 +110,8 @@ class SimScript(Generic[R]):
     stored: list[R | bytes] = field(default_factory=list)
     resend_stored: bool = False  # True: every connection replays the whole memory
     clock: ClockMode = "set"
-    clock_offset_s: float = 0.0  # "set": device clock = this machine's local time + this
+    clock_offset_s: float = 0.0  # "set": device clock = wall-clock time in `zone` + this
+    zone: ZoneInfo = DEFAULT_ZONE  # the patient's (hub's) time zone the clock was set in
     clock_epoch: dt.datetime = dt.datetime(2000, 1, 1)  # "epoch": where the clock starts
     time_service: TimeService = "cts"
     clock_writable: bool = True
@@ -120,15 +129,24 @@ class SimScript(Generic[R]):
 
 
 class SimClock:
-    """The device's wall clock: starts per the script, runs at the hub's rate, can be set."""
+    """The device's wall clock: starts per the script, runs at the hub's rate, can be set.
+
+    Like a real device it keeps naive local time; "set" starts it at the wall-clock time in
+    `zone` (the hub's zone, UTC by default) plus the offset.
+    """
 
     def __init__(
-        self, mode: ClockMode, offset_s: float = 0.0, epoch: dt.datetime | None = None
+        self,
+        mode: ClockMode,
+        offset_s: float = 0.0,
+        epoch: dt.datetime | None = None,
+        zone: ZoneInfo = DEFAULT_ZONE,
     ) -> None:
         self._origin = time.monotonic()
         self._value: dt.datetime | None  # None: year 0, only the time of day runs
         if mode == "set":
-            self._value = dt.datetime.now() + dt.timedelta(seconds=offset_s)
+            local = dt.datetime.now(zone).replace(tzinfo=None)
+            self._value = local + dt.timedelta(seconds=offset_s)
         elif mode == "epoch":
             self._value = epoch or dt.datetime(2000, 1, 1)
         else:
@@ -246,7 +264,9 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         self.script = script
         self.address = script.address.upper()
         self.name = script.name
-        self.clock = SimClock(script.clock, script.clock_offset_s, script.clock_epoch)
+        self.clock = SimClock(
+            script.clock, script.clock_offset_s, script.clock_epoch, script.zone
+        )
         self.sent: list[bytes] = []
         """Payloads whose indication the hub confirmed, in order, over all connections."""
         self.clock_writes: list[DateTime] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
@@ -52,13 +53,17 @@ class BlueZRadio:
 
 
 @contextlib.asynccontextmanager
-async def open_radio(cfg: RadioConfig) -> AsyncIterator[Radio]:
-    """The radio the config asks for; the virtual one brings its simulated devices."""
+async def open_radio(cfg: RadioConfig, zone: ZoneInfo | None = None) -> AsyncIterator[Radio]:
+    """The radio the config asks for; the virtual one brings its simulated devices.
+
+    `zone` is the hub's time zone; only the virtual radio uses it (its simulated clocks start
+    there; None: UTC).
+    """
     if cfg.kind == "bluez":
         yield BlueZRadio(cfg.adapter)
         return
     # Imported here so bumble never loads on the hub (design.md §4).
     from gateway.sim.wiring import open_virtual_radio  # noqa: PLC0415
 
-    async with open_virtual_radio(cfg) as radio:
+    async with open_virtual_radio(cfg, zone) as radio:
         yield radio

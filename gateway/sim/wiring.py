@@ -8,12 +8,14 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementDataCallback
 
 from drivers.simulated.blood_pressure import demo_bp_readings, demo_cuff
+from drivers.simulated.device import DEFAULT_ZONE
 from drivers.simulated.weight_scale import demo_scale, demo_weight_readings
 from gateway.config import RadioConfig, SimulatedDeviceConfig
 from gateway.sim.backend import VirtualClientBackend, VirtualScannerBackend
@@ -50,12 +52,15 @@ _PROFILES: dict[str, tuple[Callable[..., Any], Callable[[int], Sequence[Any]]]] 
 }
 
 
-def simulated_device(spec: SimulatedDeviceConfig) -> Any:
-    """A simulated device for one config entry, with an empty memory (it measures on cue)."""
+def simulated_device(spec: SimulatedDeviceConfig, zone: ZoneInfo = DEFAULT_ZONE) -> Any:
+    """A simulated device for one config entry, with an empty memory (it measures on cue).
+
+    Its clock starts at the wall-clock time in `zone` (the hub's) plus the entry's offset.
+    """
     make, _ = _PROFILES[spec.profile]
     extra: dict[str, Any] = {} if spec.name is None else {"name": spec.name}
     return make(spec.address, readings=[], bonding_required=spec.bonding_required,
-                clock_offset_s=spec.clock_offset_s, **extra)
+                clock_offset_s=spec.clock_offset_s, zone=zone, **extra)
 
 
 async def _measure_on_schedule(device: Any, spec: SimulatedDeviceConfig) -> None:
@@ -67,10 +72,16 @@ async def _measure_on_schedule(device: Any, spec: SimulatedDeviceConfig) -> None
 
 
 @contextlib.asynccontextmanager
-async def open_virtual_radio(cfg: RadioConfig) -> AsyncIterator[VirtualBleakRadio]:
-    """A virtual radio with the config's simulated devices measuring on their schedules."""
+async def open_virtual_radio(
+    cfg: RadioConfig, zone: ZoneInfo | None = None
+) -> AsyncIterator[VirtualBleakRadio]:
+    """A virtual radio with the config's simulated devices measuring on their schedules.
+
+    `zone` is the hub's time zone, where the simulated clocks are set (None: UTC, the hub
+    config's default).
+    """
     async with VirtualRadio() as radio:
-        devices = [(simulated_device(spec), spec) for spec in cfg.simulated]
+        devices = [(simulated_device(spec, zone or DEFAULT_ZONE), spec) for spec in cfg.simulated]
         for device, _ in devices:
             await radio.add_peripheral(device)
         tasks = [asyncio.create_task(_measure_on_schedule(d, s), name=f"sim {s.address}")

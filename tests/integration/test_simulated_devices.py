@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from bleak.exc import BleakGATTProtocolError, BleakGATTProtocolErrorCode
 from bleak.uuids import normalize_uuid_16
 
 from drivers.codec.blood_pressure import (
+    BloodPressureMeasurement,
     decode_blood_pressure_measurement,
     decode_intermediate_cuff_pressure,
     encode_blood_pressure_measurement,
@@ -25,6 +27,7 @@ from drivers.codec.date_time import (
     encode_current_time,
     encode_date_time,
 )
+from drivers.codec.ieee11073 import MedFloat
 from drivers.codec.weight import WeightMeasurement, decode_weight_measurement, encode_weight_measurement
 from drivers.simulated import (
     SimScript,
@@ -114,7 +117,8 @@ async def test_clock_offset_and_epoch_start(radio: VirtualRadio) -> None:
     async with client(radio, fast) as c:
         device_time = decode_current_time(bytes(await c.read_gatt_char(CURRENT_TIME))).date_time.to_datetime()
     assert device_time is not None
-    assert abs((device_time - dt.datetime.now()).total_seconds() - 300) <= 2
+    utc_now = dt.datetime.now(dt.UTC).replace(tzinfo=None)  # the default zone of a sim clock
+    assert abs((device_time - utc_now).total_seconds() - 300) <= 2
     async with client(radio, epoch) as c:
         epoch_time = decode_current_time(bytes(await c.read_gatt_char(CURRENT_TIME))).date_time
     assert (epoch_time.year, epoch_time.month, epoch_time.day) == (2000, 1, 1)
@@ -198,6 +202,25 @@ async def test_intermediate_cuff_pressure_precedes_each_result_when_subscribed(r
     pressures = [float(decode_intermediate_cuff_pressure(f).systolic) for f in inbox.of(ICP)[:3]]
     assert pressures == sorted(pressures, reverse=True)  # the cuff deflates
     assert all(p > float(first_result.systolic) for p in pressures)
+
+
+async def test_a_kpa_cuff_deflates_in_kpa_with_decimals(radio: VirtualRadio) -> None:
+    # Regression (issue 5 item 14): a 12 mmHg step was added to kPa values and truncated, so a
+    # 16.5 kPa result came after "cuff pressures" of 52, 40 and 28 kPa.
+    reading = BloodPressureMeasurement(
+        kpa=True, systolic=MedFloat.of("16.5"), diastolic=MedFloat.of("10.9"),
+        mean_arterial=MedFloat.of("12.8"), user_id=1)
+    cuff = await radio.add_peripheral(
+        demo_cuff(readings=[reading], bonding_required=False, intermediate_frames=3)
+    )
+    inbox = Inbox()
+    async with client(radio, cuff) as c:
+        await c.start_notify(ICP, inbox)
+        await c.start_notify(BPM, inbox)
+        await inbox.wait_for(BPM, 1)
+    frames = [decode_intermediate_cuff_pressure(f) for f in inbox.of(ICP)]
+    assert all(f.kpa for f in frames)
+    assert [f.systolic.value for f in frames] == [Decimal("21.3"), Decimal("19.7"), Decimal("18.1")]
 
 
 async def test_reading_taken_while_connected_goes_out_on_the_same_link(radio: VirtualRadio) -> None:
