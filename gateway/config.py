@@ -169,44 +169,46 @@ class GatewayConfig(_Section):
     @field_validator("devices")
     @classmethod
     def _unique_addresses(cls, v: tuple[DeviceBinding, ...]) -> tuple[DeviceBinding, ...]:
-        seen: set[str] = set()
-        for d in v:
+        seen: dict[str, int] = {}
+        for n, d in enumerate(v, 1):
             if d.address in seen:
-                raise ValueError(f"device {d.address} is listed twice")
-            seen.add(d.address)
+                raise ValueError(f"device {d.address} is listed twice: [[devices]] entries "
+                                 f"{seen[d.address]} and {n}")
+            seen[d.address] = n
         return v
 
 
-def _describe(err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (misspelt?)"
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    more = len(err.errors()) - 1
-    return f"{key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+def _describe(err: ValidationError, text: str, source: str) -> str:
+    # The wording lives with `config check`, so the one-line error and the full report agree.
+    from gateway.config_check import one_line, validation_problems  # noqa: PLC0415
+
+    return one_line(source, validation_problems(err, text))
 
 
 def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     """Validate TOML text; raises ConfigError naming the key and what is wrong."""
+    from gateway.config_check import one_line, syntax_problem  # noqa: PLC0415
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: not valid TOML: {e}") from e
+        raise ConfigError(one_line(source, [syntax_problem(e)])) from e
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_describe(e)}") from e
+        raise ConfigError(_describe(e, text, source)) from e
 
 
 def load_config(path: Path) -> GatewayConfig:
     """Read and validate a config file."""
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: is not UTF-8 text") from e
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: does not exist (start from config/gateway.example.toml)") from e
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+        raise ConfigError(f"{path}: cannot read it: {(e.strerror or type(e).__name__).lower()}") from e
     return parse_config(text, str(path))
 
 
