@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from gateway import __version__
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, GatewayConfig, load_config
 
 # sysexits.h: the codes systemd and shell scripts understand.
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_SOFTWARE = 70
+EX_CANTCREAT = 73
 EX_CONFIG = 78
+
+DEFAULT_CONFIG = Path("/etc/rpm-gateway/gateway.toml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
-    run.add_argument("--config", type=Path, default=Path("/etc/rpm-gateway/gateway.toml"))
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                     help=f"the config file (default {DEFAULT_CONFIG})")
 
     demo = sub.add_parser("demo", help="simulated scale and cuff, local broker, agent, subscriber")
     demo.add_argument("--json", action="store_true", help="print the payloads instead of a table")
@@ -50,8 +55,13 @@ def _parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    check = cfg_sub.add_parser("check", help="validate a config file")
-    check.add_argument("path", type=Path, nargs="?", default=Path("/etc/rpm-gateway/gateway.toml"))
+    check = cfg_sub.add_parser(
+        "check", help="report every problem of a config file and the files it names "
+                      "(exit 78 on any error)")
+    check.add_argument("path", type=Path, nargs="?", default=DEFAULT_CONFIG,
+                       help=f"the config file (default {DEFAULT_CONFIG})")
+    check.add_argument("--json", action="store_true",
+                       help='print {"ok": ..., "problems": [...]} instead of lines')
     return p
 
 
@@ -78,17 +88,74 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in _leaves(sub)]
+    return [e]
+
+
+def _under(filename: object, dirs: tuple[Path, ...]) -> bool:
+    if not isinstance(filename, str | bytes | os.PathLike):
+        return False
+    path = Path(os.fsdecode(filename)).absolute()
+    return any(path == d or d in path.parents for d in dirs)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    from gateway.config_check import check_environment, is_storage, one_line  # noqa: PLC0415
+
+    _setup_logging(cfg.log_level)
+    log = logging.getLogger("gateway")
+    # Files and directories first: a missing CA file or an unwritable data_dir will not fix
+    # itself, and the unit's RestartPreventExitStatus= keeps systemd from looping on 78.
+    problems = check_environment(cfg)
+    for p in problems:
+        if p.severity == "warning":
+            log.warning("config: %s", p)
+    errors = [p for p in problems if p.severity == "error"]
+    config_errors = [p for p in errors if not is_storage(p)]
+    if config_errors:
+        print(f"rpm-gateway: configuration error: {one_line(str(args.config), config_errors)}",
+              file=sys.stderr)
+        return EX_CONFIG
+    if errors:
+        print(f"rpm-gateway: cannot store readings: {one_line(str(args.config), errors)}",
+              file=sys.stderr)
+        return EX_CANTCREAT
+    return _run_agent(cfg)
+
+
+def _run_agent(cfg: GatewayConfig) -> int:
     from gateway.agent import Agent  # noqa: PLC0415
     from gateway.outbox import OutboxError  # noqa: PLC0415
 
-    _setup_logging(cfg.log_level)
     try:
         asyncio.run(Agent(cfg).run())
-    except OutboxError as e:
-        # Without its store the agent must not read devices; systemd restarts it.
-        logging.getLogger("gateway").critical("cannot use the outbox: %s", e)
+    except Exception as e:  # every failure ends in one line and a sysexits code
+        leaves = _leaves(e)
+        storage_dirs = (cfg.hub.data_dir.absolute(), cfg.outbox_path.absolute().parent)
+        for leaf in leaves:
+            if isinstance(leaf, OutboxError):
+                # Locked, newer schema, unwritable: without its store the agent must not read
+                # devices (they forget what they sent), and a restart in 5 s changes nothing.
+                what = str(leaf) if str(cfg.outbox_path) in str(leaf) else (
+                    f"{cfg.outbox_path}: {leaf}")
+                print(f"rpm-gateway: cannot use the outbox: {what}", file=sys.stderr)
+                return EX_CANTCREAT
+            if isinstance(leaf, OSError) and _under(leaf.filename, storage_dirs):
+                print(f"rpm-gateway: cannot store readings: {leaf.filename}: "
+                      f"{(leaf.strerror or type(leaf).__name__).lower()}", file=sys.stderr)
+                return EX_CANTCREAT
+            if isinstance(leaf, ConfigError):
+                print(f"rpm-gateway: configuration error: {leaf}", file=sys.stderr)
+                return EX_CONFIG
+        # A bug: its type only (the message may quote patient values), the traceback at debug.
+        names = ", ".join(sorted({type(leaf).__name__ for leaf in leaves}))
+        if cfg.log_level == "debug":
+            logging.getLogger("gateway").error("agent failed", exc_info=e)
+        print(f"rpm-gateway: the agent failed unexpectedly ({names}); set log_level = "
+              '"debug" for the details', file=sys.stderr)
         return EX_SOFTWARE
     return EX_OK
 
@@ -108,9 +175,24 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    from gateway.config_check import check_file, summary  # noqa: PLC0415
+
+    problems = check_file(args.path)
+    errors, warnings = summary(problems)
+    if args.json:
+        print(json.dumps({"ok": errors == 0, "problems": [p.as_dict() for p in problems]},
+                         indent=2))
+        return EX_CONFIG if errors else EX_OK
+    for p in problems:
+        print(f"{p.severity.upper()} {p}")
+    if errors:
+        print(f"{args.path}: {errors} error{'s' * (errors != 1)}, {warnings} "
+              f"warning{'s' * (warnings != 1)} (positions such as devices[2] count from 1)")
+        return EX_CONFIG
     cfg = load_config(args.path)
-    print(f"{args.path}: OK: hub {cfg.hub.id}, radio {cfg.radio.kind}, "
-          f"{len(cfg.devices)} paired device(s), broker {cfg.mqtt.host}:{cfg.mqtt.port}")
+    print(f"{args.path}: OK{f' with {warnings} warning(s)' if warnings else ''}: hub {cfg.hub.id},"
+          f" radio {cfg.radio.kind}, {len(cfg.devices)} paired device(s), "
+          f"broker {cfg.mqtt.host}:{cfg.mqtt.port}")
     return EX_OK
 
 
