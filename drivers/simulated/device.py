@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from bumble import hci
@@ -46,7 +46,7 @@ from drivers.codec.date_time import (
 )
 from drivers.codec.device_info import encode_battery_level, encode_string, encode_system_id
 from drivers.codec.errors import DecodeError
-from gateway.sim.radio import VirtualRadio, make_device
+from gateway.sim.radio import Medium, make_device
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,28 @@ class _Record(Generic[R]):
 
     frame: R | bytes
     payload: bytes
+    index: int  # position in the device's memory
     delivered: bool = False
+
+
+class DeviceObserver(Protocol):
+    """Told what happens to a device's memory and links (the simulate command's ledger)."""
+
+    def produced(self, address: str, index: int, payload: bytes) -> None:
+        """A frame entered device memory at `index`."""
+        ...
+
+    def confirmed(self, address: str, index: int, payload: bytes) -> None:
+        """The hub's ATT confirmation of the frame at `index` arrived."""
+        ...
+
+    def connected(self, address: str) -> None:
+        """A hub connected."""
+        ...
+
+    def disconnected(self, address: str) -> None:
+        """The hub's link is gone (either side)."""
+        ...
 
 
 class _Link(Generic[R]):
@@ -275,7 +296,7 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         self._pairing_mode = script.pairing_mode
         self._drop_after = script.drop_link_after
         self._memory: list[_Record[R]] = []
-        self._radio: VirtualRadio | None = None
+        self._radio: Medium | None = None
         self._device: Device | None = None
         self._controller: Controller | None = None
         self._link: _Link[R] | None = None  # the hub's current connection, if any
@@ -287,9 +308,10 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         self._advertising_lock = asyncio.Lock()
         self._switched_off = False
         self._measurement: Characteristic[bytes] | None = None
+        self._observer: DeviceObserver | None = None
         self.advertising_data = self._build_advertising_data()
         for frame in script.stored:
-            self._memory.append(_Record(frame, self._payload(frame)))
+            self._remember(frame)
 
     # -- what a profile provides ---------------------------------------------------------------
 
@@ -334,9 +356,23 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         """Take a new measurement (stamped with the device clock) and advertise to send it."""
         if stamp and not isinstance(reading, bytes):
             reading = self.stamped(reading, self.clock.now())
-        self._memory.append(_Record(reading, self._payload(reading)))
+        self._remember(reading)
         self._news.set()
         await self._update_advertising()
+
+    def observe(self, observer: DeviceObserver | None) -> None:
+        """Report memory and link events to `observer`, starting with what memory holds now."""
+        self._observer = observer
+        if observer is not None:
+            for record in self._memory:
+                observer.produced(self.address, record.index, record.payload)
+
+    def _remember(self, frame: R | bytes) -> None:
+        """Append a frame to memory (and tell the observer)."""
+        record = _Record(frame, self._payload(frame), len(self._memory))
+        self._memory.append(record)
+        if self._observer is not None:
+            self._observer.produced(self.address, record.index, record.payload)
 
     async def set_pairing_mode(self, on: bool) -> None:
         """Enter or leave pairing mode (advertise even with nothing to send)."""
@@ -377,7 +413,7 @@ class SimulatedDevice(abc.ABC, Generic[R]):
 
     # -- Peripheral protocol (gateway.sim.radio) -----------------------------------------------
 
-    async def attach(self, radio: VirtualRadio) -> None:
+    async def attach(self, radio: Medium) -> None:
         """Switch on: build the GATT database on radio.link and advertise if there is news."""
         if self._device is not None:
             raise RuntimeError(f"{self.address} is already switched on")
@@ -599,6 +635,8 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         """A hub connected: the controller stopped advertising; start serving this link."""
         self._advertising = False
         self.connection_count += 1
+        if self._observer is not None:
+            self._observer.connected(self.address)
         link = _Link[R](connection)
         self._link = link
         connection.on(
@@ -611,6 +649,8 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         link.alive = False
         link.subscribed.clear()
         link.in_flight = None
+        if self._observer is not None:
+            self._observer.disconnected(self.address)
         if link.session is not None:
             link.session.cancel()
         if self._link is link:
@@ -704,6 +744,8 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         record.delivered = True
         link.sent.append(record)
         self.sent.append(record.payload)
+        if self._observer is not None:
+            self._observer.confirmed(self.address, record.index, record.payload)
         self._changed()
 
     async def _disconnect(self, connection: Connection) -> None:

@@ -16,6 +16,10 @@ Two quirks of bumble's LocalLink shape this module (design.md §6):
 And one of bumble's central: once it holds a peer's IRK it scans for a resolvable address
 before every reconnection. The simulated devices keep static addresses and do not distribute
 an IRK (drivers.simulated.device), so reconnections go straight to the address.
+
+The hub's controller may also live in another process (``VirtualRadio(hci="tcp:HOST:PORT")``):
+then the hub's host reaches it over bumble's HCI-over-TCP transport, served by
+``rpm-gateway simulate`` (gateway.sim.hci_server), and the peripherals live over there.
 """
 
 from __future__ import annotations
@@ -31,14 +35,15 @@ from types import TracebackType
 from typing import Protocol, Self, TypeVar
 
 from bleak.uuids import normalize_uuid_str
-from bumble import hci
+from bumble import hci, ll
 from bumble.controller import Controller
 from bumble.core import BaseBumbleError
 from bumble.device import Advertisement, Connection, Device, DeviceConfiguration
 from bumble.host import Host
 from bumble.link import LocalLink
 from bumble.pairing import PairingConfig
-from bumble.transport.common import AsyncPipeSink
+from bumble.transport import open_transport
+from bumble.transport.common import AsyncPipeSink, Transport
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +138,20 @@ AdvertListener = Callable[[Advert], None]
 """Called for every advertisement the hub hears while it scans."""
 
 
+class Medium(Protocol):
+    """Where peripherals put their controllers: a VirtualRadio, or the simulate process's field."""
+
+    @property
+    def link(self) -> LocalLink:
+        """The shared in-process link."""
+        ...
+
+    @property
+    def op_timeout(self) -> float:
+        """Upper bound for one radio operation, seconds."""
+        ...
+
+
 class Peripheral(Protocol):
     """Anything that can join a VirtualRadio as a remote device (see drivers.simulated)."""
 
@@ -146,7 +165,7 @@ class Peripheral(Protocol):
         """The signal strength the hub reports for this peripheral, dBm."""
         ...
 
-    async def attach(self, radio: VirtualRadio) -> None:
+    async def attach(self, radio: Medium) -> None:
         """Switch on: create the bumble device on radio.link and start behaving."""
         ...
 
@@ -189,6 +208,24 @@ class _HubController(Controller):
             )
         )
 
+    def release(self) -> None:
+        """The host is gone: every link drops as on a supervision timeout; leave the link.
+
+        What the peripherals see when the hub's process dies: a disconnection with reason
+        Connection Timeout (Core Vol 6 Part B §4.5.2), as a real central that vanished causes.
+        """
+        self.host = None
+        self.pending_le_connection = None
+        self.le_scan_enable = False
+        for connection in list(self.le_connections.values()):
+            with contextlib.suppress(BaseBumbleError):
+                connection.send_ll_control_pdu(
+                    ll.TerminateInd(hci.HCI_ErrorCode.CONNECTION_TIMEOUT_ERROR)
+                )
+        self.le_connections.clear()
+        if self in self.link.controllers:
+            self.link.remove_controller(self)
+
 
 def link_address(address: str) -> hci.Address:
     """The bumble address used on the link for a "AA:BB:CC:DD:EE:FF" string (always random)."""
@@ -208,14 +245,28 @@ def make_device(
 ) -> tuple[_D, Controller]:
     """A bumble Device and its own controller on `link`, addressed the way the link needs."""
     controller = controller_class(name, link=link)
-    config = DeviceConfiguration(
+    host = Host(controller, AsyncPipeSink(controller))
+    return device_class(config=device_configuration(name, address), host=host), controller
+
+
+def device_configuration(name: str, address: str) -> DeviceConfiguration:
+    """A bumble device configuration addressed the way the link needs (see the module doc)."""
+    return DeviceConfiguration(
         name=name,
         address=link_address(address),
         identity_address_type=PairingConfig.AddressType.RANDOM,
         # A stable IRK per address (bumble's default is all zeros for every device).
         irk=(bytes(link_address(address)) * 3)[:16],
     )
-    return device_class(config=config, host=Host(controller, AsyncPipeSink(controller))), controller
+
+
+def parse_hci_link(spec: str) -> tuple[str, int]:
+    """HOST and PORT of a "tcp:HOST:PORT" link to `rpm-gateway simulate` (ValueError if not)."""
+    kind, _, rest = spec.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"radio link {spec!r}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:7000")
+    return host, int(port)
 
 
 class VirtualRadio:
@@ -223,6 +274,10 @@ class VirtualRadio:
 
     ``async with VirtualRadio() as radio:`` then ``await radio.add_peripheral(device)``, and
     pass ``backend=VirtualScannerBackend, radio=radio`` (or ``VirtualClientBackend``) to bleak.
+
+    With ``hci="tcp:HOST:PORT"`` the hub's controller and the peripherals are in another
+    process (`rpm-gateway simulate`); only the hub's host runs here, and peripherals cannot be
+    added from this side.
     """
 
     def __init__(
@@ -230,9 +285,13 @@ class VirtualRadio:
         hub_address: str = DEFAULT_HUB_ADDRESS,
         *,
         op_timeout: float = DEFAULT_OP_TIMEOUT_S,
+        hci: str | None = None,
     ) -> None:
         self.hub_address = hub_address.upper()
         self.op_timeout = op_timeout
+        self.hci = hci
+        self._remote = parse_hci_link(hci) if hci is not None else None
+        self._transport: Transport | None = None
         self._link: LocalLink | None = None
         self._hub: Device | None = None
         self._hub_controller: Controller | None = None
@@ -241,21 +300,56 @@ class VirtualRadio:
         self._scan_lock = asyncio.Lock()
         # bumble's Device allows one pending LE connection; a real kernel queues them.
         self._connect_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
         """Power on the hub's controller; must run inside the loop that will use the radio."""
-        self._link = LocalLink()  # type: ignore[no-untyped-call]  # bumble left it unannotated
-        self._hub, self._hub_controller = make_device(
-            self._link,
-            "rpm-gateway hub",
-            self.hub_address,
-            device_class=Device,
-            controller_class=_HubController,
-        )
-        async with asyncio.timeout(self.op_timeout):
-            await self._hub.power_on()
+        if self._remote is not None:
+            self._hub = await self._remote_hub(*self._remote)
+        else:
+            self._link = LocalLink()  # type: ignore[no-untyped-call]  # bumble left it unannotated
+            self._hub, self._hub_controller = make_device(
+                self._link,
+                "rpm-gateway hub",
+                self.hub_address,
+                device_class=Device,
+                controller_class=_HubController,
+            )
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                await self._hub.power_on()
+        except BaseException:
+            self._close_transport()
+            raise
         self._hub.on(Device.EVENT_ADVERTISEMENT, self._on_advertisement)
         return self
+
+    async def _remote_hub(self, host: str, port: int) -> Device:
+        """The hub's host on a TCP transport to a controller served by `rpm-gateway simulate`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout
+        while True:
+            try:
+                # The simulate process may still be starting: retry refusals until the deadline.
+                async with asyncio.timeout_at(deadline):
+                    self._transport = await open_transport(f"tcp-client:{host}:{port}")
+                break
+            except OSError as e:
+                if loop.time() >= deadline:
+                    raise ConnectionError(
+                        f"virtual radio: nothing serves HCI on {self.hci} (start `rpm-gateway "
+                        f"simulate --listen {host}:{port}` first): {e}"
+                    ) from e
+                await asyncio.sleep(0.2)
+        config = device_configuration("rpm-gateway hub", self.hub_address)
+        return Device(config=config, host=Host(self._transport.source, self._transport.sink))
+
+    def _close_transport(self) -> None:
+        """Close the TCP transport to a remote controller, if there is one."""
+        transport, self._transport = self._transport, None
+        sink = getattr(transport, "sink", None)
+        if sink is not None and hasattr(sink, "close"):
+            sink.close()  # the TCP stream: the simulate process sees the hub go
 
     async def __aexit__(
         self,
@@ -277,6 +371,7 @@ class VirtualRadio:
                 for connection in list(hub.connections.values()):
                     await connection.disconnect()
                 await hub.power_off()
+        self._close_transport()
         if self._link is not None and self._hub_controller is not None:
             self._link.remove_controller(self._hub_controller)
 
@@ -285,6 +380,8 @@ class VirtualRadio:
     @property
     def link(self) -> LocalLink:
         """The shared link; peripherals put their controllers on it (see make_device)."""
+        if self._remote is not None:
+            raise RuntimeError(f"the peripherals of this radio live behind {self.hci}")
         if self._link is None:
             raise RuntimeError("VirtualRadio is not entered: use `async with VirtualRadio()`")
         return self._link
@@ -397,6 +494,9 @@ class VirtualRadio:
         """Forget a connection attempt whose caller was cancelled (task cancel, outer timeout)."""
         controller = self._hub_controller
         if controller is None:
+            if self._hub is not None and self._remote is not None:
+                # The controller is remote: ask it, as a real kernel would (it honours cancel).
+                self._spawn_cancel(self._hub)
             return
 
         def forget() -> None:
@@ -406,6 +506,18 @@ class VirtualRadio:
         # The create-connection command may still be queued to the controller (host to
         # controller is call_soon): clear again once it has been handled.
         asyncio.get_running_loop().call_soon(forget)
+
+    def _spawn_cancel(self, hub: Device) -> None:
+        """Send LE Create Connection Cancel in the background (best effort)."""
+
+        async def cancel() -> None:
+            with contextlib.suppress(BaseBumbleError, TimeoutError, hci.HCI_Error):
+                async with asyncio.timeout(self.op_timeout):
+                    await hub.cancel_connection()  # type: ignore[no-untyped-call]
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def has_bond(self, address: str) -> bool:
         """Whether the hub holds keys for `address` (bumble's in-memory key store, this radio)."""

@@ -78,8 +78,18 @@ async def open_virtual_radio(
     """A virtual radio with the config's simulated devices measuring on their schedules.
 
     `zone` is the hub's time zone, where the simulated clocks are set (None: UTC, the hub
-    config's default).
+    config's default). With `cfg.link` ("tcp:HOST:PORT") the devices are those of an
+    `rpm-gateway simulate` process instead, and their clocks follow its --timezone.
     """
+    if cfg.link is not None:
+        # The devices (and the hub's controller) live in an `rpm-gateway simulate` process.
+        if cfg.simulated:
+            log.warning("radio.link is set: the radio.simulated entries are ignored (the "
+                        "devices are those of the simulate process)")
+        async with VirtualRadio(hci=cfg.link, op_timeout=cfg.operation_timeout_s) as remote:
+            log.info("virtual radio up, devices behind %s", cfg.link)
+            yield VirtualBleakRadio(remote)
+        return
     async with VirtualRadio() as radio:
         devices = [(simulated_device(spec, zone or DEFAULT_ZONE), spec) for spec in cfg.simulated]
         for device, _ in devices:
