@@ -154,8 +154,10 @@ def _run_agent(cfg: GatewayConfig) -> int:
         names = ", ".join(sorted({type(leaf).__name__ for leaf in leaves}))
         if cfg.log_level == "debug":
             logging.getLogger("gateway").error("agent failed", exc_info=e)
-        print(f"rpm-gateway: the agent failed unexpectedly ({names}); set log_level = "
-              '"debug" for the details', file=sys.stderr)
+            hint = "the traceback is above"
+        else:
+            hint = 'set log_level = "debug" for the details'
+        print(f"rpm-gateway: the agent failed unexpectedly ({names}); {hint}", file=sys.stderr)
         return EX_SOFTWARE
     return EX_OK
 

@@ -230,7 +230,13 @@ def _where(loc: Sequence[int | str], text: str) -> str:
 
 def validation_problems(err: ValidationError, text: str = "") -> list[Problem]:
     """Every error pydantic found, one Problem each, in TOML terms (text gives line numbers)."""
-    return [_error(toml_key(e["loc"]), _wording(e) + _where(e["loc"], text)) for e in err.errors()]
+    details = err.errors()
+    worded = [(e, _wording(e)) for e in details]
+    # A misspelt required key is one mistake, not two: "did you mean" says it all.
+    suggested = {(*e["loc"][:-1], m[1]) for e, w in worded
+                 if e["type"] == "extra_forbidden" and (m := re.search(r'did you mean "(.+)"', w))}
+    return [_error(toml_key(e["loc"]), w + _where(e["loc"], text)) for e, w in worded
+            if not (e["type"] == "missing" and tuple(e["loc"]) in suggested)]
 
 
 def syntax_problem(err: tomllib.TOMLDecodeError) -> Problem:

@@ -109,6 +109,12 @@ def test_positions_count_from_one_and_name_the_entry_and_line() -> None:
     assert len(got) == 2
 
 
+def test_a_misspelt_required_key_is_one_problem_not_two() -> None:
+    got = messages(MINIMAL + '[[devices]]\nadress = "A4:C1:38:00:00:01"\npatient_id = "p"\n')
+    assert got == {"devices[1].adress": 'unknown key (misspelt?): did you mean "address"? '
+                                        "([[devices]] entry 1, line 3)"}
+
+
 def test_simulated_devices_are_positioned_too() -> None:
     text = MINIMAL + ('[radio]\nkind = "virtual"\n[[radio.simulated]]\nprofile = "weight_scale"\n'
                       'address = "C0:00:00:00:5C:01"\n[[radio.simulated]]\nprofile = "toaster"\n'
