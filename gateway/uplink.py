@@ -1,14 +1,18 @@
 """MQTT uplink: drains the outbox in order over QoS 1 and keeps the hub's retained status.
 
 Delivery is at-least-once with the outbox as the source of truth: a row is marked delivered only
-after the broker's PUBACK with a success reason code; after any failure the connection is
-dropped, and the next one resends everything still pending from the lowest seq. So a reading may
-arrive twice (same reading_id, same bytes) but is never lost, and first arrivals keep seq order.
+after the broker's PUBACK with a success reason code; after a lost connection, a publish timeout
+or a transient refusal the connection is dropped, and the next one resends everything still
+pending from the lowest seq. So a reading may arrive twice (same reading_id, same bytes) but is
+never lost, and first arrivals keep seq order.
 
-aiomqtt 2.5.1's ``Client.publish(qos=1)`` does wait for paho's ``on_publish``, which paho calls on
-the PUBACK (not on the socket write), but it discards the PUBACK reason code: under MQTT 5 a
-broker that refuses a message (0x87 not authorized, 0x97 quota exceeded, ...) still "succeeds".
-:class:`_AckingClient` keeps that reason code, so a refused reading stays in the outbox.
+A reading the broker refuses for good (see gateway/uplink_codes.py), or one larger than the
+broker's Maximum Packet Size, is quarantined in the outbox (kept, retried every
+``quarantine_retry_s``) and the drain goes on with the rest on the same connection.
+
+MQTT 5 is used unless the config says 3.1.1, or (``protocol = "auto"``) the broker's CONNACK says
+it does not speak version 5. Never on a mere timeout: on 3.1.1 a broker acknowledges a PUBLISH it
+refuses (ACL), so refused readings would be marked delivered and lost.
 """
 
 from __future__ import annotations
@@ -16,25 +20,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import json
 import logging
-import random
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import aiomqtt
-import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.config import ConfigError, MqttConfig, TlsConfig, read_password
+from gateway.config import MqttConfig
 from gateway.outbox import Outbox, OutboxError, Pending
+from gateway.uplink_client import AckingClient, publish_packet_size
+from gateway.uplink_codes import AUTH_REFUSED, UNSUPPORTED_PROTOCOL, code_of, describe, is_transient
+from gateway.uplink_credentials import load_credentials
+from gateway.uplink_errors import (
+    AuthRefusedError,
+    ConnectError,
+    ConnectionLostError,
+    CredentialsUnreadableError,
+    PublishRejectedError,
+    PublishTimeoutError,
+    UplinkError,
+)
+from gateway.uplink_health import SLOW_STATES, BrokerHealth, BrokerState, backoff
+
+__all__ = [
+    "AuthRefusedError",
+    "ConnectError",
+    "ConnectionLostError",
+    "CredentialsUnreadableError",
+    "PublishRejectedError",
+    "PublishTimeoutError",
+    "Uplink",
+    "UplinkCounters",
+    "UplinkError",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +67,19 @@ STATUS_INTERVAL_S = 60.0
 # A connection that lasted this long counts as healthy and resets the reconnect backoff.
 STABLE_CONNECTION_S = 30.0
 EVENT_QUEUE_SIZE = 200
+# A stored reading may cut a reconnect wait short, but at most this often: a device replaying
+# its memory must not turn the backoff into a tight loop against a dead broker.
+EARLY_RETRY_MIN_INTERVAL_S = 5.0
+# Quarantined readings are logged one at WARNING, then at most one line this often.
+QUARANTINE_LOG_S = 60.0
+_RESCAN_MARGIN_S = 0.5
 # Time allowed to say "offline" and disconnect cleanly when the agent shuts down.
 _GOODBYE_TIMEOUT_S = 2.0
-# CONNACK codes meaning "I do not speak this protocol version": 1 (MQTT 3.1.1), 0x84 (MQTT 5).
-_UNSUPPORTED_PROTOCOL = frozenset({1, 0x84})
-
-
-class UplinkError(Exception):
-    """Base class of the uplink's errors; all of them end the connection and cause a retry."""
-
-
-class ConnectError(UplinkError):
-    """Could not connect: refused, TLS failure, bad credentials, no answer."""
-
-
-class ConnectionLostError(UplinkError):
-    """An established connection to the broker broke."""
-
-
-class PublishTimeoutError(UplinkError):
-    """No PUBACK within ``publish_timeout_s``; the connection is presumed dead."""
-
-
-class PublishRejectedError(UplinkError):
-    """The broker answered a reading's PUBLISH with a failure reason code (MQTT 5)."""
+# Said once, when 3.1.1 is in use: it is why MQTT 5 is the default.
+_V311_BLIND = (
+    "uplink to %s: using MQTT 3.1.1 (%s); on 3.1.1 the broker acknowledges a reading it refuses "
+    "(ACL, size), so such readings are marked delivered and lost; use MQTT 5 if the broker has it"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,59 +88,10 @@ class UplinkCounters:
 
     published: int  # reading PUBLISH packets sent, re-sends included
     acked: int  # readings the broker acknowledged (PUBACK with a success code)
-    rejected: int  # readings the broker refused (PUBACK with a failure code); they stay pending
+    rejected: int  # reading PUBLISHes the broker refused (PUBACK with a failure code)
     reconnects: int  # connection attempts after a failure or a lost connection
     events_dropped: int  # events dropped because the in-memory event queue was full
-
-
-class _AckingClient(aiomqtt.Client):
-    """aiomqtt's Client with a QoS 1 publish that returns the broker's PUBACK reason code."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
-        # Called on the PUBACK even when the publishing task was cancelled meanwhile (shutdown),
-        # so a reading the broker has taken is not left pending and sent again needlessly.
-        self._ack_callbacks: dict[int, Callable[[ReasonCode], None]] = {}
-        super().__init__(*args, **kwargs)
-
-    def _on_publish(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties,
-    ) -> None:
-        # paho calls this from the PUBACK handler, on the event loop (aiomqtt's socket reader).
-        callback = self._ack_callbacks.pop(mid, None)
-        if callback is not None:
-            callback(reason_code)
-        fut = self._acks.pop(mid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(reason_code)
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    async def publish_acked(
-        self, topic: str, payload: bytes, *, retain: bool = False,
-        on_ack: Callable[[ReasonCode], None] | None = None,
-    ) -> ReasonCode:
-        """Publish at QoS 1 and return the PUBACK's reason code (callers bound the wait).
-
-        `on_ack` runs when the PUBACK arrives, even if this call was cancelled by then.
-        """
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise ConnectionLostError(f"cannot publish: {paho.error_string(info.rc)}")
-        if on_ack is not None:
-            self._ack_callbacks[info.mid] = on_ack
-        # Registered after paho.publish returns: the PUBACK can only be read by a later loop
-        # callback, so it cannot have arrived yet.
-        fut: asyncio.Future[ReasonCode] = asyncio.get_running_loop().create_future()
-        self._acks[info.mid] = fut
-        try:
-            return await fut
-        finally:
-            self._acks.pop(info.mid, None)
+    quarantined: int = 0  # readings quarantined (refused for good, or over the packet size limit)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -134,19 +99,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for e in group.exceptions:
         out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
     return out
-
-
-def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
-    )
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.cert_file is not None:
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-    if tls.insecure_skip_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def _now_iso() -> str:
@@ -174,21 +126,28 @@ class Uplink:
         self._client_id = client_id or cfg.client_id or f"rpm-gateway-{hub_id}"
         self._status_interval_s = status_interval_s
         self._where = f"{cfg.host}:{cfg.port}"
-        self._protocol = aiomqtt.ProtocolVersion.V5  # of the current or last attempt
         # The broker said (CONNACK) that it does not speak MQTT 5, or the config says so.
         self._v5_refused = cfg.protocol == "3.1.1"
-        self._v311_next = False  # the last MQTT 5 attempt got no CONNACK at all
+        self._health = BrokerHealth(self._where, log)
         self._connected = False
         self._last_error: str | None = None
+        self._said_once = False
         self._status_wanted = asyncio.Event()
         self._events: deque[bytes] = deque()
         self._event_queue_size = event_queue_size
         self._events_ready = asyncio.Event()
         self._acked: list[int] = []
         self._acked_ready = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._wakeable = False  # waiting to reconnect, in a state a new attempt may fix soon
+        self._early_at = -EARLY_RETRY_MIN_INTERVAL_S  # monotonic time of the last early attempt
         self._published = 0
         self._acked_count = 0
         self._rejected = 0
+        self._quarantined = 0
+        self._quarantined_logged = 0
+        self._quarantine_logged_at = -QUARANTINE_LOG_S
+        self._due: list[float] = []  # heap: monotonic times at which quarantined readings are due
         self._reconnects = 0
         self._connects = 0
         self._connected_at = 0.0
@@ -208,17 +167,33 @@ class Uplink:
             rejected=self._rejected,
             reconnects=self._reconnects,
             events_dropped=self._events_dropped,
+            quarantined=self._quarantined,
         )
 
     @property
     def protocol(self) -> str:
-        """The MQTT version in use or to be tried next: "5" or "3.1.1"."""
-        return "5" if self._protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1"
+        """The MQTT version in use, or to be tried next: "5" or "3.1.1"."""
+        return "3.1.1" if self._v5_refused else "5"
 
     @property
     def last_error(self) -> str | None:
         """Why the last connection attempt failed or the last connection ended, if it did."""
         return self._last_error
+
+    @property
+    def state(self) -> BrokerState:
+        """The broker connection's state (see broker_status)."""
+        return self._health.state
+
+    def broker_status(self) -> dict[str, object]:
+        """The ``broker`` object of the status payload: state, since, protocol, last_error, quarantined."""
+        return {
+            "state": self._health.state.value,
+            "since": self._health.since,
+            "protocol": self.protocol,
+            "last_error": self._health.last_error,
+            "quarantined": self._quarantined,
+        }
 
     def topic(self, suffix: str) -> str:
         """The full topic for a suffix: ``<prefix>/<hub_id>/<suffix>``."""
@@ -227,6 +202,16 @@ class Uplink:
     def status_changed(self) -> None:
         """Ask for a status refresh now instead of at the next periodic one."""
         self._status_wanted.set()
+
+    def reading_stored(self) -> None:
+        """A reading was committed: while waiting to reconnect, try now (rate-limited)."""
+        # Without this the hub would wait up to reconnect_max_s after the broker came back
+        # although it has something to deliver. Refused or unreadable credentials are not
+        # retried early: a new reading does not fix them.
+        now = time.monotonic()
+        if self._wakeable and now - self._early_at >= EARLY_RETRY_MIN_INTERVAL_S:
+            self._early_at = now
+            self._wake.set()
 
     async def publish_event(self, name: str, detail: dict[str, object]) -> None:
         """Queue an event for best-effort QoS 1 delivery; never blocks (drops the oldest if full)."""
@@ -247,30 +232,65 @@ class Uplink:
 
     async def run(self) -> None:
         """Connect, publish status, drain the outbox; reconnect with jittered backoff; until cancelled."""
+        self._say_once()
         attempt = 0
         while True:
             connects = self._connects
             try:
                 await self._session()
             except (UplinkError, OutboxError) as e:
-                self._last_error = str(e)
-            stable = time.monotonic() - self._connected_at >= STABLE_CONNECTION_S
-            if self._connects > connects and stable:
-                # Only a connection that stayed up starts the backoff over: one that is refused a
-                # reading (or dropped) right after CONNACK must not reconnect at full rate for ever.
+                error: UplinkError | OutboxError = e
+            was_connected = self._connects > connects
+            if was_connected and time.monotonic() - self._connected_at >= STABLE_CONNECTION_S:
+                # Only a connection that stayed up starts the backoff over: one that is dropped
+                # right after CONNACK must not reconnect at full rate for ever.
                 attempt = 0
-            delay = self._backoff(attempt)
-            attempt += 1
+            state = self._state_after(error, was_connected)
+            if state in SLOW_STATES:
+                delay = self._cfg.auth_retry_s
+            else:
+                delay = self._backoff(attempt)
+                attempt += 1
             self._reconnects += 1
-            log.warning("uplink to %s: %s; retrying in %.1fs", self._where, self._last_error, delay)
-            await asyncio.sleep(delay)
+            self._last_error = str(error)
+            if was_connected:
+                self._health.lost(self._last_error, delay)
+            else:
+                self._health.failed(state, self._last_error, delay)
+            await self._pause(delay, wakeable=state not in SLOW_STATES)
+
+    def _say_once(self) -> None:
+        if self._said_once:
+            return
+        self._said_once = True
+        if self._cfg.protocol == "3.1.1":
+            log.warning(_V311_BLIND, self._where, 'mqtt.protocol = "3.1.1"')
+        tls = self._cfg.tls
+        if tls is not None and tls.insecure_skip_verify:
+            log.warning("uplink: TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
+
+    @staticmethod
+    def _state_after(error: Exception, was_connected: bool) -> BrokerState:
+        if was_connected:
+            return BrokerState.CONNECTING
+        if isinstance(error, AuthRefusedError):
+            return BrokerState.AUTH_REFUSED
+        if isinstance(error, CredentialsUnreadableError):
+            return BrokerState.CREDENTIALS_UNREADABLE
+        return BrokerState.UNREACHABLE
+
+    async def _pause(self, delay: float, *, wakeable: bool) -> None:
+        self._wake.clear()
+        self._wakeable = wakeable
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+        finally:
+            self._wakeable = False
 
     def _backoff(self, attempt: int) -> float:
-        # Full jitter between min and an exponentially growing cap: hubs that lost the broker
-        # together do not all come back in the same second.
-        lo, hi = self._cfg.reconnect_min_s, self._cfg.reconnect_max_s
-        cap = min(hi, lo * 2.0 ** min(attempt, 32))
-        return random.uniform(lo, max(lo, cap))
+        return backoff(attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s)
 
     async def _session(self) -> None:
         """One connection's life: raises when it ends."""
@@ -279,12 +299,7 @@ class Uplink:
         self._connected_at = time.monotonic()
         self._connected = True
         self._last_error = None
-        log.info(
-            "uplink connected to %s (MQTT %s%s)",
-            self._where,
-            self.protocol,
-            ", TLS" if self._cfg.tls else "",
-        )
+        self._health.connected(self.protocol, self._cfg.tls is not None)
         try:
             await self._serve(client)
         except asyncio.CancelledError:
@@ -297,22 +312,18 @@ class Uplink:
             with contextlib.suppress(aiomqtt.MqttError, OSError):
                 await client.__aexit__(None, None, None)
 
-    async def _connect(self) -> _AckingClient:
-        try:
-            password, tls = await asyncio.to_thread(self._credentials)
-        except (ConfigError, OSError, ssl.SSLError) as e:
-            raise ConnectError(f"cannot prepare the connection: {e}") from e
+    async def _connect(self) -> AckingClient:
+        password, tls = await asyncio.to_thread(load_credentials, self._cfg)
         while True:
-            v311 = self._v5_refused or self._v311_next
-            self._v311_next = False
-            self._protocol = aiomqtt.ProtocolVersion.V311 if v311 else aiomqtt.ProtocolVersion.V5
-            client = _AckingClient(
+            v311 = self._v5_refused
+            protocol = aiomqtt.ProtocolVersion.V311 if v311 else aiomqtt.ProtocolVersion.V5
+            client = AckingClient(
                 self._cfg.host,
                 self._cfg.port,
                 username=self._cfg.username,
                 password=password,
                 identifier=self._client_id,
-                protocol=self._protocol,
+                protocol=protocol,
                 will=aiomqtt.Will(
                     self.topic("status"),
                     json.dumps({"state": "offline", "hub_id": self._hub_id}).encode(),
@@ -331,34 +342,32 @@ class Uplink:
             try:
                 await client.__aenter__()
             except MqttConnectError as e:
-                code = e.rc.value if isinstance(e.rc, ReasonCode) else e.rc
-                if not v311 and code in _UNSUPPORTED_PROTOCOL and self._cfg.protocol == "auto":
-                    log.info("broker %s refuses MQTT 5; using MQTT 3.1.1", self._where)
+                code = code_of(e.rc)
+                if not v311 and code in UNSUPPORTED_PROTOCOL and self._cfg.protocol == "auto":
+                    # The one reason to leave MQTT 5: the broker said it does not speak it.
                     self._v5_refused = True
+                    log.warning(_V311_BLIND, self._where, "the broker refuses MQTT 5")
                     continue
+                if code in AUTH_REFUSED:
+                    raise AuthRefusedError(f"broker refused the credentials: {e}") from e
                 raise ConnectError(f"broker refused the connection: {e}") from e
             except aiomqtt.MqttError as e:
                 # aiomqtt raises "from None"; the context tells a network error (OSError) from
-                # a connection that was accepted but never got a CONNACK (TimeoutError). Some
-                # 3.1.1-only brokers (amqtt) do not answer an MQTT 5 CONNECT at all, so the next
-                # attempt tries 3.1.1. Not for good: a merely overloaded MQTT 5 broker must not
-                # leave us on 3.1.1, where a refused PUBLISH cannot be detected.
-                if (not v311 and isinstance(e.__context__, TimeoutError)
-                        and self._cfg.protocol == "auto"):
-                    self._v311_next = True
+                # a connection that was accepted but never got a CONNACK (TimeoutError). That
+                # is a failed attempt like any other, never a reason to try MQTT 3.1.1: a frozen
+                # network or an overloaded broker would leave us on a protocol that cannot see
+                # refusals.
+                if isinstance(e.__context__, TimeoutError):
+                    hint = ""
+                    if not v311 and self._cfg.protocol == "auto":
+                        hint = ' (a broker that ignores MQTT 5 needs mqtt.protocol = "3.1.1")'
+                    raise ConnectError(
+                        f"no CONNACK within {self._cfg.publish_timeout_s}s{hint}"
+                    ) from e
                 raise ConnectError(f"cannot connect: {e}") from e
             return client
 
-    def _credentials(self) -> tuple[str | None, ssl.SSLContext | None]:
-        # Read at every attempt (in a thread: file I/O), so a rotated password or certificate
-        # is picked up without restarting the agent.
-        password = read_password(self._cfg)
-        tls = None if self._cfg.tls is None else _ssl_context(self._cfg.tls)
-        if self._cfg.tls is not None and self._cfg.tls.insecure_skip_verify:
-            log.warning("uplink: TLS certificate verification is OFF (mqtt.tls.insecure_skip_verify)")
-        return password, tls
-
-    async def _serve(self, client: _AckingClient) -> None:
+    async def _serve(self, client: AckingClient) -> None:
         await self._publish_status(client)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -383,42 +392,107 @@ class Uplink:
                 raise  # a bug, not a network problem: let it be seen
             raise expected[0] from group
 
-    async def _watch(self, client: _AckingClient) -> None:
+    async def _watch(self, client: AckingClient) -> None:
         # We subscribe to nothing, so the iterator only ever ends by raising on disconnection:
-        # this notices a dead connection even while the outbox is idle.
+        # this notices a dead connection even while the outbox is idle (paho's keepalive: no
+        # PINGRESP within keepalive_s closes the connection).
         try:
             async for _ in client.messages:
                 pass
         except aiomqtt.MqttError as e:
             raise ConnectionLostError(f"connection lost: {e.__cause__ or e}") from e
 
-    async def _drain(self, client: _AckingClient, tg: asyncio.TaskGroup) -> None:
+    async def _drain(self, client: AckingClient, tg: asyncio.TaskGroup) -> None:
         window = asyncio.Semaphore(self._cfg.inflight)
         cursor = 0
         while True:
             batch = await self._outbox.pending(self._cfg.inflight, after_seq=cursor)
             if not batch:
-                await self._outbox.wait_for_pending()
+                if not await self._idle(window):
+                    continue
+                cursor = 0  # quarantined readings are due again: back to the lowest seq
                 continue
             for item in batch:
                 await window.acquire()
                 tg.create_task(self._deliver(client, item, window))
                 cursor = item.seq
 
-    async def _deliver(self, client: _AckingClient, item: Pending, window: asyncio.Semaphore) -> None:
+    async def _idle(self, window: asyncio.Semaphore) -> bool:
+        """Wait for a new reading, or for quarantined ones to be due: True for the latter."""
+        # The cursor has moved past a quarantined reading; without this it would be offered
+        # again only after the next reconnect, which a healthy connection may never need.
+        if not self._due:
+            await self._outbox.wait_for_pending()
+            return False
+        delay = self._due[0] - time.monotonic()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._outbox.wait_for_pending()
+            return False
+        # Start over only with nothing in flight and every PUBACK written, so readings the
+        # broker has just taken are not offered again.
+        for _ in range(self._cfg.inflight):
+            await window.acquire()
+        for _ in range(self._cfg.inflight):
+            window.release()
+        await self._flush_acked()
+        now = time.monotonic()
+        while self._due and self._due[0] <= now:
+            heapq.heappop(self._due)
+        return True
+
+    async def _deliver(self, client: AckingClient, item: Pending, window: asyncio.Semaphore) -> None:
         try:
+            topic = self.topic(item.topic)
+            if not client.fits(topic, item.payload):
+                # The broker would drop the connection on it, and it would block the queue for
+                # ever: set it aside without sending it.
+                size = publish_packet_size(topic, item.payload)
+                await self._quarantine(
+                    item, f"packet too large: {size} bytes, the broker takes at most "
+                    f"{client.max_packet_size}"
+                )
+                return
             self._published += 1
             log.debug("uplink: publishing seq %d reading %s", item.seq, item.reading_id)
-            rc = await self._publish(client, self.topic(item.topic), item.payload,
+            rc = await self._publish(client, topic, item.payload,
                                      on_ack=functools.partial(self._record_ack, item.seq))
-            if rc.is_failure:
-                self._rejected += 1
-                # Kept pending and retried after a reconnect: dropping it would lose a reading.
+            if not rc.is_failure:
+                return
+            self._rejected += 1
+            if is_transient(rc):
+                # Kept pending and retried after a reconnect with backoff.
                 raise PublishRejectedError(
-                    f"broker refused reading seq {item.seq} ({rc.value:#04x} {rc}); it stays queued"
+                    f"broker refused reading seq {item.seq} for now ({describe(rc)}); "
+                    "it stays queued"
                 )
+            await self._quarantine(item, f"broker refused it: {describe(rc)}")
         finally:
             window.release()
+
+    async def _quarantine(self, item: Pending, reason: str) -> None:
+        # Kept in the outbox with its reason and offered again every quarantine_retry_s; the
+        # drain goes on behind it. No payload in the log or the event: it is patient data.
+        await self._outbox.quarantine(item.seq, reason, self._cfg.quarantine_retry_s)
+        self._quarantined += 1
+        # The outbox keeps its own (wall) clock for when the row is due: a margin, so the
+        # rescan does not come a moment too early and miss it.
+        heapq.heappush(self._due, time.monotonic() + self._cfg.quarantine_retry_s + _RESCAN_MARGIN_S)
+        # An ACL that refuses the topic quarantines every reading: one line, then a count.
+        now = time.monotonic()
+        if now - self._quarantine_logged_at >= QUARANTINE_LOG_S:
+            more = self._quarantined - self._quarantined_logged - 1
+            log.warning(
+                "uplink: reading seq %d quarantined (%s); offered again in %.0fs%s",
+                item.seq, reason, self._cfg.quarantine_retry_s,
+                f" ({more} more quarantined since the last report)" if more else "",
+            )
+            self._quarantine_logged_at, self._quarantined_logged = now, self._quarantined
+        else:
+            log.debug("uplink: reading seq %d quarantined (%s)", item.seq, reason)
+        await self.publish_event("reading_quarantined", {"seq": item.seq, "reason": reason})
+        self.status_changed()
 
     def _record_ack(self, seq: int, rc: ReasonCode) -> None:
         # Runs from the PUBACK itself, so a shutdown that cancels the delivery task still
@@ -430,7 +504,7 @@ class Uplink:
         self._acked_ready.set()
 
     async def _publish(
-        self, client: _AckingClient, topic: str, payload: bytes, *, retain: bool = False,
+        self, client: AckingClient, topic: str, payload: bytes, *, retain: bool = False,
         on_ack: Callable[[ReasonCode], None] | None = None,
     ) -> ReasonCode:
         try:
@@ -469,15 +543,21 @@ class Uplink:
             log.exception("uplink: the status provider failed; publishing a minimal status")
             status = {}
         return json.dumps(
-            {"hub_id": self._hub_id, **status, "state": state}, default=str
+            {"hub_id": self._hub_id, **status, "broker": self.broker_status(), "state": state},
+            default=str,
         ).encode()
 
-    async def _publish_status(self, client: _AckingClient, state: str = "online") -> None:
-        rc = await self._publish(client, self.topic("status"), self._status_payload(state), retain=True)
+    async def _publish_status(self, client: AckingClient, state: str = "online") -> None:
+        payload = self._status_payload(state)
+        if not client.fits(self.topic("status"), payload):
+            log.warning("uplink: status (%d bytes) exceeds the broker's maximum packet size %s; "
+                        "not sent", len(payload), client.max_packet_size)
+            return
+        rc = await self._publish(client, self.topic("status"), payload, retain=True)
         if rc.is_failure:
-            log.warning("uplink: broker refused the status message (%#04x %s)", rc.value, rc)
+            log.warning("uplink: broker refused the status message (%s)", describe(rc))
 
-    async def _status_loop(self, client: _AckingClient) -> None:
+    async def _status_loop(self, client: AckingClient) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._status_interval_s):
@@ -485,12 +565,16 @@ class Uplink:
             self._status_wanted.clear()
             await self._publish_status(client)
 
-    async def _events_loop(self, client: _AckingClient) -> None:
+    async def _events_loop(self, client: AckingClient) -> None:
         while True:
             while not self._events:
                 await self._events_ready.wait()
                 self._events_ready.clear()
             payload = self._events.popleft()
+            if not client.fits(self.topic("events"), payload):
+                log.warning("uplink: an event (%d bytes) exceeds the broker's maximum packet "
+                            "size %s; dropped", len(payload), client.max_packet_size)
+                continue
             try:
                 rc = await self._publish(client, self.topic("events"), payload)
             except BaseException:
@@ -501,9 +585,9 @@ class Uplink:
                     self._events_dropped += 1
                 raise
             if rc.is_failure:
-                log.warning("uplink: broker refused an event (%#04x %s); dropped", rc.value, rc)
+                log.warning("uplink: broker refused an event (%s); dropped", describe(rc))
 
-    async def _goodbye(self, client: _AckingClient) -> None:
+    async def _goodbye(self, client: AckingClient) -> None:
         # A clean DISCONNECT suppresses the last will, so say "offline" ourselves first.
         with contextlib.suppress(UplinkError, TimeoutError):
             async with asyncio.timeout(_GOODBYE_TIMEOUT_S):

@@ -1,4 +1,8 @@
-"""The uplink against a real mosquitto on loopback: order, outages, restarts, status, TLS."""
+"""The uplink against a real mosquitto on loopback: order, outages, restarts, status, TLS.
+
+The helpers here (mqtt_cfg, running, eventually, MqttFront, ...) are shared by the other
+test_uplink_*.py modules.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import shutil
 import ssl
 import subprocess
@@ -87,6 +92,149 @@ def reading_ids(sub: MqttSubscriber) -> list[str]:
 def first_arrivals(ids: list[str]) -> list[str]:
     """The ids in order of first arrival."""
     return list(dict.fromkeys(ids))
+
+
+def _encode(header: int, body: bytes) -> bytes:
+    out, n = bytearray([header]), len(body)
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out) + body
+
+
+async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    header = (await reader.readexactly(1))[0]
+    length, mult = 0, 1
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length += (byte & 0x7F) * mult
+        mult *= 128
+        if not byte & 0x80:
+            break
+    return header, await reader.readexactly(length)
+
+
+class MqttFront:
+    """A loopback front for a real broker that reads the MQTT packets going through it.
+
+    It records the protocol level of every CONNECT (4 = 3.1.1, 5 = MQTT 5), and can stand in
+    for brokers we do not have: one that only speaks 3.1.1 (answers an MQTT 5 CONNECT with a
+    refusal), a network that swallows the next CONNECTs, a broker that refuses readings with a
+    given PUBACK reason code.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._target = (target_host, target_port)
+        self.levels: list[int] = []
+        self.refuse_v5: bytes | None = None  # the CONNACK sent back to an MQTT 5 CONNECT
+        self.swallow_connects = 0  # this many next connections get no answer at all
+        self.reading_puback: int | None = None  # PUBACK code for every PUBLISH on .../readings
+        self.readings_seen = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        """Listen on a free port."""
+        self._server = await asyncio.start_server(self._handle, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop listening and cut every connection."""
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            header, body = await _read_packet(reader)
+            self.levels.append(body[6] if header >> 4 == 1 and len(body) > 6 else -1)
+            if self.swallow_connects > 0:
+                self.swallow_connects -= 1
+                while await reader.read(4096):  # hold the connection, answer nothing
+                    pass
+                return
+            if self.levels[-1] == 5 and self.refuse_v5 is not None:
+                writer.write(self.refuse_v5)
+                await writer.drain()
+                return
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            self._writers.add(up_writer)
+            up_writer.write(_encode(header, body))
+            mids: set[int] = set()
+            pipes = {
+                asyncio.create_task(self._upstream(reader, up_writer, mids)),
+                asyncio.create_task(self._downstream(up_reader, writer, mids)),
+            }
+            _, rest = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.transport.abort()
+                    self._writers.discard(w)
+
+    async def _upstream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mids: set[int]
+    ) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
+            while True:
+                header, body = await _read_packet(reader)
+                if header >> 4 == 3 and (header >> 1) & 3 == 1:  # a QoS 1 PUBLISH
+                    n = int.from_bytes(body[:2], "big")
+                    if body[2 : 2 + n].decode().endswith("/readings"):
+                        self.readings_seen += 1
+                        if self.reading_puback is not None:
+                            mids.add(int.from_bytes(body[2 + n : 4 + n], "big"))
+                writer.write(_encode(header, body))
+                await writer.drain()
+
+    async def _downstream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mids: set[int]
+    ) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
+            while True:
+                header, body = await _read_packet(reader)
+                if header >> 4 == 4 and int.from_bytes(body[:2], "big") in mids:  # PUBACK
+                    mids.discard(int.from_bytes(body[:2], "big"))
+                    assert self.reading_puback is not None
+                    body = body[:2] + bytes([self.reading_puback])
+                writer.write(_encode(header, body))
+                await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def mqtt_front(broker: LocalBroker) -> AsyncIterator[MqttFront]:
+    """An MqttFront for a broker, closed on exit."""
+    front = MqttFront(broker.host, broker.port)
+    await front.start()
+    try:
+        yield front
+    finally:
+        await front.close()
+
+
+def broker_status(payload: dict[str, Any]) -> dict[str, Any]:
+    """The status payload's ``broker`` object."""
+    broker = payload["broker"]
+    assert isinstance(broker, dict)
+    return broker
+
+
+def without_broker(payload: dict[str, Any]) -> dict[str, Any]:
+    """The status payload without its ``broker`` object (whose ``since`` is a time)."""
+    return {k: v for k, v in payload.items() if k != "broker"}
 
 
 async def pending_count(ob: Outbox) -> int:
@@ -210,7 +358,11 @@ async def test_retained_status_online_and_last_will_when_the_link_dies(
     uplink = Uplink(mqtt_cfg(proxy.host, proxy.port), HUB, outbox, status_provider)
     async with running(uplink):
         await sub.wait_until(lambda _: _states(sub)[-1:] == ["online"])
-        assert sub.payloads()[-1] == {"hub_id": HUB, "version": "test", "pending": 0, "state": "online"}
+        online = sub.payloads()[-1]
+        assert without_broker(online) == {"hub_id": HUB, "version": "test", "pending": 0, "state": "online"}
+        broker = broker_status(online)
+        assert broker["state"] == "connected" and broker["protocol"] == "5"
+        assert broker["quarantined"] == 0 and broker["last_error"] is None
         # The link dies without a DISCONNECT and the hub cannot get back: the broker's will fires.
         await proxy.stop_listening()
         proxy.sever()
@@ -244,7 +396,9 @@ async def test_clean_shutdown_says_offline_and_status_refreshes_on_demand(
         await sub.wait_until(lambda _: sub.payloads()[-1].get("days") == 4)
     # run() was cancelled: a goodbye (with the full status) replaced the retained "online".
     await sub.wait_until(lambda _: _states(sub)[-1:] == ["offline"])
-    assert sub.payloads()[-1] == {"hub_id": HUB, "version": "test", "days": 4, "state": "offline"}
+    goodbye = sub.payloads()[-1]
+    assert without_broker(goodbye) == {"hub_id": HUB, "version": "test", "days": 4, "state": "offline"}
+    assert broker_status(goodbye)["state"] == "connected"  # it was, when it said goodbye
 
 
 async def test_events_are_published_and_the_queue_drops_oldest(
@@ -276,63 +430,61 @@ async def acl_broker(
     return await broker_factory(extra_config=[f"acl_file {acl}"])
 
 
-async def test_broker_refusal_keeps_the_reading_queued(
+async def test_acl_refusal_quarantines_readings_and_marks_none_delivered(
     acl_broker: LocalBroker, outbox: Outbox, mqtt_subscriber: Subscribe,
     caplog: pytest.LogCaptureFixture
 ) -> None:
     # aiomqtt's publish() returns normally on a PUBACK that says "not authorized" (MQTT 5);
-    # the uplink must not count that as delivered.
+    # the uplink must not count that as delivered. Refused for good, each reading is
+    # quarantined once (kept, retried in an hour), not resent in a loop.
     sub = await mqtt_subscriber(acl_broker, READINGS)
-    await outbox.put(make_item(1))
+    events = await mqtt_subscriber(acl_broker, f"rpm/{HUB}/events")
+    n = 200
+    for i in range(n):
+        await outbox.put(make_item(i))
     uplink = Uplink(mqtt_cfg(acl_broker.host, acl_broker.port), HUB, outbox, status_provider)
     with caplog.at_level(logging.WARNING, logger="gateway.uplink"):
         async with running(uplink):
-            await eventually(lambda: uplink.counters.rejected >= 3, "refused, then retried")
-            assert uplink.protocol == "5"
-    # (last_error is cleared by every reconnect, so the log is where the reason stays.)
-    assert "broker refused reading seq 1 (0x87 Not authorized)" in caplog.text
-    assert await pending_count(outbox) == 1 and uplink.counters.acked == 0
+            await eventually(lambda: uplink.counters.quarantined == n, "all refused, quarantined")
+            await events.wait_for(n)
+            await asyncio.sleep(0.3)  # nothing more is sent
+            assert uplink.protocol == "5" and uplink.connected
+            assert uplink.counters.published == n and uplink.counters.reconnects == 0
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "gateway.uplink" and "quarantined" in r.getMessage()]
+    assert len(warnings) == 1  # one line for the burst, not one per reading
+    assert re.search(r"reading seq \d+ quarantined \(broker refused it: 0x87 Not authorized\)", warnings[0])
+    stats = await outbox.stats()
+    assert stats.delivered == 0 and uplink.counters.acked == 0
+    assert stats.pending == 0 and stats.quarantined == n  # held back, not lost
+    assert await outbox.pending(10) == []  # not offered again before quarantine_retry_s
     assert sub.messages == []
-    # Refused right after every CONNACK: the backoff grew instead of hammering the broker.
-    assert uplink.counters.reconnects < 10
+    detail = events.payloads()[0]
+    assert detail["event"] == "reading_quarantined"
+    assert detail["detail"] == {"seq": 1, "reason": "broker refused it: 0x87 Not authorized"}
+    assert uplink.broker_status()["quarantined"] == n
 
 
-async def test_cancel_while_a_publish_fails_still_stops(acl_broker: LocalBroker, outbox: Outbox) -> None:
+async def test_cancel_while_a_publish_fails_still_stops(mosquitto: LocalBroker, outbox: Outbox) -> None:
     # Python 3.11's TaskGroup turns a cancellation that races with a failing child into the
-    # child's error; the uplink must still stop (SIGTERM must stop the agent).
+    # child's error; the uplink must still stop (SIGTERM must stop the agent). A transient
+    # refusal (quota exceeded) is such a failure: it ends the connection.
     await outbox.put(make_item(1))
-    for _ in range(5):
-        uplink = Uplink(mqtt_cfg(acl_broker.host, acl_broker.port), HUB, outbox, status_provider)
-        task = asyncio.create_task(uplink.run())
-        await eventually(lambda u=uplink: u.counters.rejected >= 1, "a refusal", poll_s=0)  # type: ignore[misc]
-        task.cancel()  # in the same event-loop turn as the failing publish
-        # asyncio.wait, not a timeout around "await task": that would cancel the task again.
-        done, _ = await asyncio.wait({task}, timeout=5)
-        if not done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            pytest.fail("run() swallowed its cancellation and kept reconnecting")
-        assert task.cancelled()
-
-
-async def test_falls_back_to_mqtt_311_when_the_broker_refuses_mqtt_5(
-    outbox: Outbox, mqtt_subscriber: Subscribe
-) -> None:
-    async with LocalBroker("amqtt") as broker:  # amqtt speaks MQTT 3.1.1 only
-        sub = await mqtt_subscriber(broker, READINGS)
-        for i in range(5):
-            await outbox.put(make_item(i))
-        # amqtt does not answer an MQTT 5 CONNECT that carries a will: the CONNACK wait
-        # (publish_timeout_s) ends the first attempt.
-        cfg = mqtt_cfg(broker.host, broker.port, publish_timeout_s=0.5)
-        uplink = Uplink(cfg, HUB, outbox, status_provider)
-        async with running(uplink):
-            await sub.wait_for(5)
-            await eventually(lambda: _zero(outbox), "outbox drained")
-            assert uplink.protocol == "3.1.1"
-        await sub.close()
-    assert reading_ids(sub) == [f"r-{i:06d}" for i in range(5)]
+    async with mqtt_front(mosquitto) as front:
+        front.reading_puback = 0x97
+        for _ in range(5):
+            uplink = Uplink(mqtt_cfg(front.host, front.port), HUB, outbox, status_provider)
+            task = asyncio.create_task(uplink.run())
+            await eventually(lambda u=uplink: u.counters.rejected >= 1, "a refusal", poll_s=0)  # type: ignore[misc]
+            task.cancel()  # in the same event-loop turn as the failing publish
+            # asyncio.wait, not a timeout around "await task": that would cancel the task again.
+            done, _ = await asyncio.wait({task}, timeout=5)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                pytest.fail("run() swallowed its cancellation and kept reconnecting")
+            assert task.cancelled()
 
 
 # --- TLS ----------------------------------------------------------------------------------------
