@@ -6,8 +6,19 @@ process) before anything else is done with it, and leaves the pending set only t
 for ``keep_delivered_days`` so a device that re-sends an old measurement is recognised as a
 duplicate and so days-with-data can be counted.
 
+Every payload is stored with its sha256; :meth:`Outbox.pending` verifies it and quarantines a row
+whose bytes changed on the disk instead of publishing them. A reading no patient can claim
+(``patient_id`` None) is kept for de-duplication and counted, never offered for publishing.
+:meth:`Outbox.accepting` is the storage gate asked before every device connection. A corrupt file
+is moved aside and its readable rows are salvaged into the new one (:mod:`gateway.outbox_salvage`);
+what open() found is in :attr:`Outbox.recovery`.
+
 All SQLite work runs on one dedicated worker thread with one connection: the event loop never
 waits on the disk, and the single thread serialises writers, so ``seq`` order is commit order.
+
+Fault injection (tests only): ``RPM_GATEWAY_FAULT_COMMIT_DELAY_MS`` set in the environment makes
+every put() sleep that long on the worker thread before its COMMIT (a slow SD card). It is read
+once, when the Outbox is constructed.
 """
 
 from __future__ import annotations
@@ -16,54 +27,61 @@ import asyncio
 import contextlib
 import enum
 import functools
+import hashlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Literal, Self, TypeVar
 
 from gateway.config import OutboxConfig
+from gateway.outbox_pages import wal_damage
+from gateway.outbox_salvage import salvage_into
+from gateway.outbox_schema import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+__all__ = [
+    "SCHEMA_VERSION",
+    "Outbox",
+    "OutboxClosedError",
+    "OutboxError",
+    "OutboxFullError",
+    "OutboxItem",
+    "OutboxStats",
+    "Pending",
+    "PutResult",
+    "RecoveryReport",
+    "SchemaVersionError",
+    "StorageError",
+]
 
-# Each entry upgrades the schema from version <key> to <key> + 1, inside one transaction.
-_MIGRATIONS: dict[int, str] = {
-    0: """
-    CREATE TABLE readings (
-        seq          INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: seq is never reused
-        reading_id   TEXT    NOT NULL UNIQUE,
-        topic        TEXT    NOT NULL,
-        payload      BLOB    NOT NULL,
-        patient_id   TEXT    NOT NULL,
-        kind         TEXT    NOT NULL,
-        measured_at  TEXT    NOT NULL,
-        measured_day TEXT    NOT NULL,
-        valid        INTEGER NOT NULL CHECK (valid IN (0, 1)),
-        created_at   TEXT    NOT NULL,
-        delivered_at TEXT
-    );
-    -- Partial indexes: the pending set stays small and fast however much history is kept.
-    CREATE INDEX readings_pending ON readings (seq) WHERE delivered_at IS NULL;
-    CREATE INDEX readings_delivered ON readings (delivered_at) WHERE delivered_at IS NOT NULL;
-    CREATE INDEX readings_days ON readings (patient_id, measured_day) WHERE valid = 1;
-    -- Drops and rejections are persisted: a reboot must not hide that readings were lost.
-    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-    """,
-}
-
-# A WAL that grew during a backlog is truncated back to this after checkpoints (SD card space).
-_JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+FAULT_COMMIT_DELAY_ENV = "RPM_GATEWAY_FAULT_COMMIT_DELAY_MS"
+_MIB = 1024 * 1024
+# SQLite's own disk headroom must fit under cfg.min_free_mb, the gate's floor: below the floor
+# no device is read, so everything SQLite needs to commit a session's readings must be there.
+# The WAL is checkpointed every _wal_pages(...) pages and truncated back to the same size, so
+# it stays at or below min(1 MiB, floor / 2) in normal use: 256 frames x (4096 + 24) bytes
+# = 1.0 MiB. With the default 2 MiB floor: 1.0 MiB WAL + 32 KiB wal-index (-shm) + the
+# database's own growth for one session (a few pages; a reading is ~1 KiB) < 2 MiB. With the
+# smallest floor the config allows (0.25 MiB): a 128 KiB WAL (31 frames) + 32 KiB + growth.
+_WAL_CEILING = 1 * _MIB
 _BUSY_TIMEOUT_MS = 5_000
+_PROBE_INTERVAL_S = 1.0  # at most one write probe per second while the store is failing
 _TOPIC_FORBIDDEN = frozenset("+#\x00")
+_CHECKSUM_REASON = "checksum mismatch"
+# Only these mean the file itself is damaged; every other error (locked, I/O, full) leaves it be.
+_CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+# "Pending" in SQL is always written "delivered_at IS NULL AND patient_id IS NOT NULL", the
+# WHERE of the readings_pending partial index, so the planner can use it.
 
 
 class OutboxError(Exception):
@@ -101,7 +119,7 @@ class OutboxItem:
     reading_id: str
     topic: str  # the topic suffix below <prefix>/<hub_id>/, e.g. "readings"
     payload: bytes
-    patient_id: str
+    patient_id: str | None  # None: unattributed (stored and counted, never published)
     kind: str
     measured_at: str  # UTC ISO-8601
     measured_day: str  # patient-local YYYY-MM-DD
@@ -122,12 +140,28 @@ class Pending:
 class OutboxStats:
     """A snapshot of the outbox for status reports."""
 
-    pending: int
-    oldest_pending: str | None  # created_at (UTC ISO) of the oldest undelivered reading
+    pending: int  # attributed, undelivered, not quarantined
+    oldest_pending: str | None  # created_at (UTC ISO) of the oldest of those
     delivered: int
     db_bytes: int
     rejected_full: int  # new readings refused by the reject_new policy, ever
     dropped: int  # undelivered readings deleted (drop_oldest, or older than the age limit), ever
+    quarantined: int = 0  # undelivered rows held back now (broker refusal, checksum mismatch)
+    unattributed: int = 0  # kept readings no patient can claim (never published)
+    checksum_failures: int = 0  # rows whose payload no longer matched its checksum, ever
+    salvaged: int = 0  # rows copied out of a corrupt outbox file, ever
+    salvage_lost: int = 0  # rows found in a corrupt file that could not be read back, ever
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What open() found wrong with the file: a corrupt one moved aside, or an empty one."""
+
+    kind: Literal["corrupt", "empty_file"]
+    moved_to: Path | None  # where the damaged file was kept (corrupt only)
+    salvaged: int  # rows copied into the new outbox
+    lost: int  # rows seen in the damaged file that could not be read back
+    detail: str  # what was wrong (no patient data)
 
 
 def _utc_now() -> datetime:
@@ -139,11 +173,45 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+def _checksum(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _is_corruption(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _CORRUPTION_CODES  # extended codes: low byte
+
+
 def _translate(e: sqlite3.Error) -> StorageError:
     code = getattr(e, "sqlite_errorcode", None)
-    if code == sqlite3.SQLITE_FULL:
+    if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
         return OutboxFullError(f"outbox storage is full: {e}")
     return StorageError(f"outbox storage failed: {e}")
+
+
+def _why(e: StorageError) -> str:
+    return str(e.__cause__) if isinstance(e.__cause__, sqlite3.Error) else str(e)
+
+
+def _commit_delay_s() -> float:
+    raw = os.environ.get(FAULT_COMMIT_DELAY_ENV)
+    if not raw:
+        return 0.0
+    try:
+        delay = float(raw) / 1000
+    except ValueError:
+        delay = -1.0
+    if delay < 0:
+        log.warning("ignoring %s=%r: not a number of milliseconds >= 0", FAULT_COMMIT_DELAY_ENV, raw)
+        return 0.0
+    log.warning("fault injection: every outbox commit is delayed by %.0f ms", delay * 1000)
+    return delay
+
+
+def _wal_pages(floor_bytes: int, page_size: int) -> tuple[int, int]:
+    """(wal_autocheckpoint pages, journal_size_limit bytes) that keep the WAL under the floor."""
+    limit = min(_WAL_CEILING, floor_bytes // 2)
+    return max(16, limit // (page_size + 24)), limit
 
 
 class Outbox:
@@ -158,6 +226,11 @@ class Outbox:
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stored = asyncio.Event()
+        self._commit_delay_s = _commit_delay_s()
+        self._backlog = 0  # attributed undelivered rows (incl. quarantined): the size bound's count
+        self._failing: str | None = None  # the last write's storage error, until one succeeds
+        self._last_probe = -_PROBE_INTERVAL_S
+        self.recovery: RecoveryReport | None = None
 
     @property
     def path(self) -> Path:
@@ -177,7 +250,7 @@ class Outbox:
         await self.close()
 
     async def open(self) -> None:
-        """Open (or create) the database, checking its integrity and schema version."""
+        """Open (or create) the database: integrity, schema version, salvage of a corrupt file."""
         if self._executor is not None:
             raise OutboxError("outbox is already open")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
@@ -202,19 +275,66 @@ class Outbox:
         """Store a reading durably; returns only after the COMMIT has reached the disk."""
         if not item.reading_id or not item.topic or _TOPIC_FORBIDDEN & set(item.topic):
             raise ValueError("reading_id and a topic suffix without MQTT wildcards are required")
-        result = await self._run(self._put_sync, item)
-        if result is PutResult.STORED:
+        result = await self._write(self._put_sync, item)
+        if result is PutResult.STORED and item.patient_id is not None:
             self._stored.set()
         return result
 
     async def pending(self, limit: int, after_seq: int = 0) -> list[Pending]:
-        """Up to ``limit`` undelivered readings with seq > ``after_seq``, in seq order."""
+        """Up to ``limit`` publishable readings with seq > ``after_seq``, in seq order.
+
+        Unattributed rows and quarantined rows not yet due are skipped; a row whose payload no
+        longer matches its checksum is quarantined for good and never returned.
+        """
         return await self._run(self._pending_sync, limit, after_seq)
 
     async def mark_delivered(self, seqs: Sequence[int]) -> None:
         """Record the broker's PUBACK for these rows; unknown or already delivered seqs are ignored."""
         if seqs:
-            await self._run(self._mark_delivered_sync, list(seqs))
+            await self._write(self._mark_delivered_sync, list(seqs))
+
+    async def quarantine(self, seq: int, reason: str, retry_after_s: float | None) -> None:
+        """Keep a row but hold it out of pending() until now + retry_after_s (None: for good).
+
+        Idempotent; an unknown or delivered seq is ignored. A row quarantined for a checksum
+        mismatch stays quarantined for good.
+        """
+        await self._write(self._quarantine_sync, seq, reason, retry_after_s)
+
+    async def accepting(self) -> str | None:
+        """None if a new reading can be stored now, else why not (asked before every connection).
+
+        Cheap: a statvfs of the outbox's directory and the cached pending count; while a write
+        has failed, one write probe at most per second, so the gate reopens by itself.
+        """
+        if self._conn is None:
+            return "storage failing: the outbox is not open"
+        directory = self._path.parent
+        floor = int(self._cfg.min_free_mb * _MIB)
+        try:
+            st = os.statvfs(directory)
+        except OSError as e:
+            return f"storage failing: {e.strerror or e} at {directory}"
+        free = st.f_bavail * st.f_frsize
+        if free < floor:
+            return (
+                f"disk nearly full: {free / _MIB:.1f} MiB free at {directory}, "
+                f"{floor / _MIB:.1f} MiB needed"
+            )
+        if self._failing is not None:
+            now = time.monotonic()
+            if now - self._last_probe >= _PROBE_INTERVAL_S:
+                self._last_probe = now
+                with contextlib.suppress(StorageError):
+                    await self._write(self._probe_sync)
+            if self._failing is not None:
+                return f"storage failing: {self._failing}"
+        if self._cfg.when_full == "reject_new" and self._backlog >= self._cfg.max_pending:
+            return (
+                f"outbox full: {self._backlog} readings pending "
+                "(max_pending, when_full = reject_new)"
+            )
+        return None
 
     async def wait_for_pending(self) -> None:
         """Return once put() has stored something since the previous wake-up of this waiter."""
@@ -251,6 +371,16 @@ class Outbox:
             raise OutboxClosedError("outbox is not open")
         return await self._run_raw(functools.partial(self._guarded, conn, fn, *args))
 
+    async def _write(self, fn: Callable[..., T], *args: object) -> T:
+        # A write's outcome opens or shuts the storage gate (accepting()).
+        try:
+            result = await self._run(fn, *args)
+        except StorageError as e:
+            self._failing = _why(e)
+            raise
+        self._failing = None
+        return result
+
     @staticmethod
     def _guarded(conn: sqlite3.Connection, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -275,15 +405,32 @@ class Outbox:
         conn: sqlite3.Connection | None = None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            conn = self._checked_connection()
+            empty = self._empty_file()
+            conn, aside, problem = self._checked_connection()
             version = self._schema_version(conn)  # before WAL: a newer file is left untouched
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageError(f"cannot use WAL journal mode on {self._path} (got {mode})")
             # FULL: in WAL mode, NORMAL may lose the last commits on power loss.
             conn.execute("PRAGMA synchronous = FULL")
-            conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+            page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            pages, limit = _wal_pages(int(self._cfg.min_free_mb * _MIB), page_size)
+            conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+            conn.execute(f"PRAGMA journal_size_limit = {limit}")
+            # FAST: a deleted row's bytes are zeroed where that costs no extra write, so a
+            # salvage of a damaged file brings fewer deleted rows back.
+            conn.execute("PRAGMA secure_delete = FAST")
             self._migrate(conn, version)
+            if aside is not None:
+                self._salvage(conn, aside, problem)
+            elif empty:
+                self.recovery = RecoveryReport("empty_file", None, 0, 0, "the file was empty")
+                log.error(
+                    "outbox file %s was empty: readings it held before are gone; "
+                    "check the SD card",
+                    self._path,
+                )
+            self._backlog = self._backlog_count(conn)
             # The file may be new (first start, or after moving a corrupt one aside).
             self._fsync_dir(self._path.parent)
             return conn
@@ -294,25 +441,66 @@ class Outbox:
                 raise _translate(e) from e
             raise
 
-    def _checked_connection(self) -> sqlite3.Connection:
-        conn = self._connect()
+    def _empty_file(self) -> bool:
+        # A zero-length file with no WAL is not a first start: whatever it held is gone. (A
+        # zero-length file with a WAL is normal: nothing was checkpointed into it yet.)
         try:
-            result = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
-            problem = None if result == ["ok"] else "; ".join(str(r) for r in result[:5])
-        except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
-            problem = str(e)
+            if self._path.stat().st_size != 0:
+                return False
+        except FileNotFoundError:
+            return False
+        wal = self._path.with_name(self._path.name + "-wal")
+        return not wal.exists() or wal.stat().st_size == 0
+
+    def _checked_connection(self) -> tuple[sqlite3.Connection, Path | None, str]:
+        """A connection to a healthy file: a corrupt one is moved aside (returned) first."""
+        wal = self._path.with_name(self._path.name + "-wal")
+        # Checked before SQLite sees it: SQLite silently ignores a damaged WAL's later commits,
+        # and the first write would overwrite them.
+        problem = wal_damage(wal) if self._path.exists() and wal.exists() else None
         if problem is None:
-            return conn
-        conn.close()
-        aside = self._move_aside()
+            conn = self._connect()
+            try:
+                result = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+                problem = None if result == ["ok"] else "; ".join(str(r) for r in result[:5])
+            except sqlite3.Error as e:
+                if not _is_corruption(e):
+                    conn.close()
+                    # Locked, I/O error, disk full...: the file may be fine; never move it.
+                    raise _translate(e) from e
+                problem = str(e)  # e.g. "file is not a database"
+            if problem is None:
+                return conn, None, ""
+            conn.close()
+        return self._connect_after_moving_aside(), self._moved_to, problem
+
+    def _connect_after_moving_aside(self) -> sqlite3.Connection:
+        self._moved_to = self._move_aside()
+        return self._connect()
+
+    def _salvage(self, conn: sqlite3.Connection, aside: Path, problem: str) -> None:
+        wal_damaged = problem.startswith("WAL") or problem.startswith("the WAL")
+        try:
+            found = salvage_into(conn, aside, wal_damaged=wal_damaged)
+            salvaged, lost = found.salvaged, found.lost
+            conn.execute("BEGIN IMMEDIATE")
+            self._bump(conn, "salvaged", salvaged)
+            self._bump(conn, "salvage_lost", lost)
+            conn.execute("COMMIT")
+            detail = f"{problem}; salvaged {salvaged} reading(s) ({found.pending} pending), {lost} lost"
+        except Exception as e:  # salvage must never stop the agent from starting
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            salvaged, lost = 0, 0
+            detail = f"{problem}; salvage failed ({type(e).__name__})"
+            log.debug("outbox salvage failed", exc_info=True)
+        self.recovery = RecoveryReport("corrupt", aside, salvaged, lost, detail)
         # The agent must keep collecting readings; the old file is kept for manual recovery.
         log.error(
-            "outbox %s is corrupt (%s); moved it to %s and started a new, empty outbox",
-            self._path,
-            problem,
-            aside,
-        )
-        return self._connect()
+            "outbox %s was corrupt (%s); moved it to %s and started a new outbox with what "
+            "could be read: %d reading(s) salvaged, %d lost",
+            self._path, problem, aside, salvaged, lost,
+        )  # fmt: skip
 
     def _move_aside(self) -> Path:
         stamp = self._clock().astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -352,7 +540,7 @@ class Outbox:
         while version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _MIGRATIONS[version].split(";"):
+                for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 version += 1
@@ -365,6 +553,7 @@ class Outbox:
 
     def _put_sync(self, conn: sqlite3.Connection, item: OutboxItem) -> PutResult:
         now = self._clock()
+        checksum = _checksum(item.payload)
         conn.execute("BEGIN IMMEDIATE")
         if conn.execute(
             "SELECT 1 FROM readings WHERE reading_id = ?", (item.reading_id,)
@@ -372,12 +561,16 @@ class Outbox:
             conn.execute("ROLLBACK")
             log.debug("outbox: duplicate reading %s", item.reading_id)
             return PutResult.DUPLICATE
-        pending = self._pending_count(conn)
-        if self._cfg.when_full == "reject_new":
+        attributed = item.patient_id is not None
+        pending = self._backlog_count(conn)
+        # An unattributed reading is never published, so the bound on what waits for the
+        # broker does not apply to it (its retention is keep_delivered_days).
+        if attributed and self._cfg.when_full == "reject_new":
             reason = self._full_reason(pending)
             if reason is not None:
                 total = self._bump(conn, "rejected_full", 1)
                 conn.execute("COMMIT")
+                self._backlog = pending
                 log.warning(
                     "outbox full (%s, when_full=reject_new): rejected a new reading; "
                     "%d rejected so far",
@@ -390,7 +583,7 @@ class Outbox:
                 return PutResult.REJECTED_FULL
         conn.execute(
             "INSERT INTO readings (reading_id, topic, payload, patient_id, kind, measured_at,"
-            " measured_day, valid, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " measured_day, valid, created_at, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 item.reading_id,
                 item.topic,
@@ -401,12 +594,18 @@ class Outbox:
                 item.measured_day,
                 int(item.valid),
                 _iso(now),
+                checksum,
             ),
         )
-        if self._cfg.when_full == "drop_oldest" and pending + 1 > self._cfg.max_pending:
-            self._drop_oldest(conn, pending + 1 - self._cfg.max_pending, "over max_pending")
+        pending += attributed
+        if attributed and self._cfg.when_full == "drop_oldest" and pending > self._cfg.max_pending:
+            pending -= self._drop_oldest(conn, pending - self._cfg.max_pending, "over max_pending")
+        if self._commit_delay_s:
+            time.sleep(self._commit_delay_s)  # fault injection: a slow disk
         conn.execute("COMMIT")
-        log.debug("outbox: stored reading %s", item.reading_id)
+        self._backlog = pending
+        log.debug("outbox: stored reading %s%s", item.reading_id, "" if attributed else
+                  " (unattributed)")  # fmt: skip
         return PutResult.STORED
 
     def _full_reason(self, pending: int) -> str | None:
@@ -414,13 +613,14 @@ class Outbox:
             return f"{pending} pending >= max_pending {self._cfg.max_pending}"
         return None
 
-    def _drop_oldest(self, conn: sqlite3.Connection, count: int, why: str) -> None:
+    def _drop_oldest(self, conn: sqlite3.Connection, count: int, why: str) -> int:
         dropped = conn.execute(
             "DELETE FROM readings WHERE seq IN (SELECT seq FROM readings"
-            " WHERE delivered_at IS NULL ORDER BY seq LIMIT ?)",
+            " WHERE delivered_at IS NULL AND patient_id IS NOT NULL ORDER BY seq LIMIT ?)",
             (count,),
         ).rowcount
         self._log_dropped(conn, dropped, why)
+        return dropped
 
     def _log_dropped(self, conn: sqlite3.Connection, dropped: int, why: str) -> None:
         if dropped > 0:
@@ -444,60 +644,145 @@ class Outbox:
         return int(row[0])
 
     @staticmethod
-    def _pending_count(conn: sqlite3.Connection) -> int:
+    def _backlog_count(conn: sqlite3.Connection) -> int:
         return int(
-            conn.execute("SELECT COUNT(*) FROM readings WHERE delivered_at IS NULL").fetchone()[0]
+            conn.execute(
+                "SELECT COUNT(*) FROM readings"
+                " WHERE delivered_at IS NULL AND patient_id IS NOT NULL"
+            ).fetchone()[0]
         )
 
-    @staticmethod
-    def _oldest_pending(conn: sqlite3.Connection) -> str | None:
-        row = conn.execute(
-            "SELECT created_at FROM readings WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
-        ).fetchone()
-        return None if row is None else str(row[0])
+    def _probe_sync(self, conn: sqlite3.Connection) -> None:
+        # A real (tiny) write: it fails while the disk is full or the store is failing.
+        conn.execute("BEGIN IMMEDIATE")
+        self._bump(conn, "storage_probes", 1)
+        conn.execute("COMMIT")
 
-    @staticmethod
-    def _pending_sync(conn: sqlite3.Connection, limit: int, after_seq: int) -> list[Pending]:
-        rows = conn.execute(
-            "SELECT seq, reading_id, topic, payload FROM readings"
-            " WHERE delivered_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
-        ).fetchall()
-        return [Pending(int(s), str(r), str(t), bytes(p)) for s, r, t, p in rows]
+    def _pending_sync(self, conn: sqlite3.Connection, limit: int, after_seq: int) -> list[Pending]:
+        now = _iso(self._clock())
+        out: list[Pending] = []
+        bad: list[int] = []
+        cursor = after_seq
+        while len(out) < limit:
+            want = limit - len(out)
+            rows = conn.execute(
+                "SELECT seq, reading_id, topic, payload, checksum FROM readings"
+                " WHERE delivered_at IS NULL AND patient_id IS NOT NULL AND seq > ?"
+                " AND (quarantined_at IS NULL OR retry_at <= ?)"  # NULL retry_at: never due
+                " ORDER BY seq LIMIT ?",
+                (cursor, now, want),
+            ).fetchall()
+            for seq, rid, topic, payload, checksum in rows:
+                if not isinstance(payload, bytes) or (
+                    checksum is not None and _checksum(payload) != checksum
+                ):
+                    bad.append(int(seq))
+                else:
+                    out.append(Pending(int(seq), str(rid), str(topic), payload))
+            if len(rows) < want:
+                break
+            cursor = int(rows[-1][0])
+        if bad:
+            self._quarantine_corrupt(conn, bad, now)
+        return out
+
+    def _quarantine_corrupt(self, conn: sqlite3.Connection, seqs: list[int], now: str) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "UPDATE readings SET quarantined_at = ?, quarantine_reason = ?, retry_at = NULL"
+            " WHERE seq = ?",
+            [(now, _CHECKSUM_REASON, s) for s in seqs],
+        )
+        total = self._bump(conn, "checksum_failures", len(seqs))
+        conn.execute("COMMIT")
+        for seq in seqs:
+            log.error(
+                "outbox: reading seq %d no longer matches its checksum (changed on the disk); "
+                "quarantined, not published (%d checksum failure(s) so far)",
+                seq,
+                total,
+            )
 
     def _mark_delivered_sync(self, conn: sqlite3.Connection, seqs: list[int]) -> None:
         now = _iso(self._clock())
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            "UPDATE readings SET delivered_at = ? WHERE seq = ? AND delivered_at IS NULL",
+        done = conn.executemany(
+            "UPDATE readings SET delivered_at = ?"
+            " WHERE seq = ? AND delivered_at IS NULL AND patient_id IS NOT NULL",
             [(now, s) for s in seqs],
+        ).rowcount
+        conn.execute("COMMIT")
+        self._backlog = max(0, self._backlog - max(0, done))
+
+    def _quarantine_sync(
+        self, conn: sqlite3.Connection, seq: int, reason: str, retry_after_s: float | None
+    ) -> None:
+        now = self._clock()
+        retry = None if retry_after_s is None else _iso(now + timedelta(seconds=retry_after_s))
+        reason = reason[:200] or "quarantined"
+        conn.execute("BEGIN IMMEDIATE")
+        before = conn.execute(
+            "SELECT quarantined_at FROM readings"
+            " WHERE seq = ? AND delivered_at IS NULL AND patient_id IS NOT NULL"
+            " AND quarantine_reason IS NOT ?",
+            (seq, _CHECKSUM_REASON),
+        ).fetchone()
+        if before is None:
+            conn.execute("ROLLBACK")
+            return
+        conn.execute(
+            "UPDATE readings SET quarantined_at = COALESCE(quarantined_at, ?),"
+            " quarantine_reason = ?, retry_at = ? WHERE seq = ?",
+            (_iso(now), reason, retry, seq),
         )
         conn.execute("COMMIT")
+        level = logging.WARNING if before[0] is None else logging.INFO
+        log.log(level, "outbox: reading seq %d quarantined (%s); %s", seq, reason,
+                "no automatic retry" if retry is None else f"retry after {retry}")  # fmt: skip
 
     def _stats_sync(self, conn: sqlite3.Connection) -> OutboxStats:
         delivered = conn.execute(
             "SELECT COUNT(*) FROM readings WHERE delivered_at IS NOT NULL"
         ).fetchone()[0]
+        quarantined = conn.execute(
+            "SELECT COUNT(*) FROM readings WHERE quarantined_at IS NOT NULL"
+            " AND delivered_at IS NULL AND patient_id IS NOT NULL"
+        ).fetchone()[0]
+        unattributed = conn.execute(
+            "SELECT COUNT(*) FROM readings WHERE patient_id IS NULL"
+        ).fetchone()[0]
+        oldest = conn.execute(
+            "SELECT created_at FROM readings WHERE delivered_at IS NULL"
+            " AND patient_id IS NOT NULL AND quarantined_at IS NULL"
+            " ORDER BY seq LIMIT 1"
+        ).fetchone()
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         size = 0
         for p in (self._path, self._path.with_name(self._path.name + "-wal")):
             with contextlib.suppress(FileNotFoundError):
                 size += p.stat().st_size
+        backlog = self._backlog_count(conn)
         return OutboxStats(
-            pending=self._pending_count(conn),
-            oldest_pending=self._oldest_pending(conn),
+            pending=backlog - int(quarantined),
+            oldest_pending=None if oldest is None else str(oldest[0]),
             delivered=int(delivered),
             db_bytes=size,
             rejected_full=int(counters.get("rejected_full", 0)),
             dropped=int(counters.get("dropped", 0)),
+            quarantined=int(quarantined),
+            unattributed=int(unattributed),
+            checksum_failures=int(counters.get("checksum_failures", 0)),
+            salvaged=int(counters.get("salvaged", 0)),
+            salvage_lost=int(counters.get("salvage_lost", 0)),
         )
 
     @staticmethod
     def _days_sync(conn: sqlite3.Connection, patient_id: str, since: str, until: str) -> list[str]:
+        # Unattributed rows (patient_id NULL) are no patient's data and never count.
         rows = conn.execute(
             "SELECT DISTINCT measured_day FROM readings"
-            " WHERE patient_id = ? AND valid = 1 AND measured_day BETWEEN ? AND ?"
-            " ORDER BY measured_day",
+            " WHERE patient_id = ? AND patient_id IS NOT NULL AND valid = 1"
+            " AND measured_day BETWEEN ? AND ? ORDER BY measured_day",
             (patient_id, since, until),
         ).fetchall()
         return [str(r[0]) for r in rows]
@@ -505,27 +790,34 @@ class Outbox:
     def _prune_sync(self, conn: sqlite3.Connection) -> None:
         now = self._clock()
         cfg = self._cfg
+        keep_since = _iso(now - timedelta(days=cfg.keep_delivered_days))
         conn.execute("BEGIN IMMEDIATE")
         removed = conn.execute(
             "DELETE FROM readings WHERE delivered_at IS NOT NULL AND delivered_at < ?",
-            (_iso(now - timedelta(days=cfg.keep_delivered_days)),),
+            (keep_since,),
+        ).rowcount
+        # Unattributed readings are kept as long as delivered ones (for de-duplication only).
+        removed_guests = conn.execute(
+            "DELETE FROM readings WHERE patient_id IS NULL AND created_at < ?", (keep_since,)
         ).rowcount
         # Age is a time-to-live whatever the policy: a reading undelivered for this long is
         # no use to the clinic, and keeping it would let one dead broker fill the disk.
         expired = conn.execute(
-            "DELETE FROM readings WHERE delivered_at IS NULL AND created_at < ?",
+            "DELETE FROM readings"
+            " WHERE delivered_at IS NULL AND patient_id IS NOT NULL AND created_at < ?",
             (_iso(now - timedelta(days=cfg.max_pending_age_days)),),
         ).rowcount
         self._log_dropped(conn, expired, f"undelivered for over {cfg.max_pending_age_days} days")
-        excess = self._pending_count(conn) - cfg.max_pending
+        excess = self._backlog_count(conn) - cfg.max_pending
         if cfg.when_full == "drop_oldest" and excess > 0:
             self._drop_oldest(conn, excess, "over max_pending")
         elif excess >= 0:
-            reason = self._full_reason(self._pending_count(conn))
+            reason = self._full_reason(self._backlog_count(conn))
             log.warning(
                 "outbox full (%s, when_full=reject_new): new readings are being rejected", reason
             )
         conn.execute("COMMIT")
-        if removed:
-            log.info("outbox: pruned %d delivered reading(s) older than %d days",
-                     removed, cfg.keep_delivered_days)
+        self._backlog = self._backlog_count(conn)
+        if removed or removed_guests:
+            log.info("outbox: pruned %d delivered and %d unattributed reading(s) older than %d days",
+                     removed, removed_guests, cfg.keep_delivered_days)

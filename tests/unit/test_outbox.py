@@ -12,6 +12,7 @@ import pytest
 
 from gateway.config import OutboxConfig
 from gateway.outbox import (
+    SCHEMA_VERSION,
     Outbox,
     OutboxClosedError,
     PutResult,
@@ -206,7 +207,7 @@ async def test_reopen_keeps_pending_and_durability_settings(tmp_path: Path) -> N
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         conn.close()
 
@@ -233,10 +234,20 @@ async def test_corrupt_file_moved_aside_and_fresh_outbox_created(
         path.write_bytes(bytes(data))
     with caplog.at_level(logging.ERROR, logger="gateway.outbox"):
         async with Outbox(path, OutboxConfig()) as ob:
-            assert await ob.pending(10) == []
-            assert await ob.put(make_item(1)) is PutResult.STORED
+            pending = await ob.pending(1000)
+            report = ob.recovery
+            assert report is not None and report.kind == "corrupt"
+            # What could be read came back unchanged (tests/unit/test_outbox_salvage.py has
+            # the damage matrix); a file of garbage has nothing to salvage.
+            assert len(pending) == report.salvaged
+            assert all(p.payload == make_item(int(p.reading_id[2:]), extra=b"x" * 500).payload
+                       for p in pending)  # fmt: skip
+            if damage == "garbage":
+                assert pending == []
+            assert await ob.put(make_item(1000)) is PutResult.STORED
     aside = _corrupt_copies(tmp_path)
     assert len(aside) == 1 and aside[0].stat().st_size > 0
+    assert report.moved_to == aside[0]
     assert any("corrupt" in r.getMessage() for r in caplog.records)
 
 

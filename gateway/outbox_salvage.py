@@ -1,0 +1,189 @@
+"""Copy every readable row of a damaged outbox file into the new outbox that replaces it.
+
+SQLite is asked first, one range of seqs at a time (read-only, so the file kept for manual
+recovery is not changed): where it answers, its rows are the truth for that range. Where it
+cannot (a damaged page under that range, or a header so damaged it refuses the whole file), the
+raw page scanner of :mod:`gateway.outbox_pages` supplies the rows. Rows found only in a damaged
+WAL (commits SQLite would skip) come from the scanner too. Every row keeps its seq and state:
+pending rows stay pending, delivered rows keep ``delivered_at`` (so a device re-sending them is
+still recognised as a duplicate), quarantined and unattributed rows stay so. A row whose
+checksum does not match its payload is not copied: it is counted as lost.
+
+Known limit: a page the database had freed still holds its old cells until reused, so with a
+header too damaged to find the free list, a row deleted long ago (mostly delivered rows pruned
+after ``keep_delivered_days``) can come back. It comes back with its ``delivered_at``, so it is
+not published again; only a pending row deleted by the size policy could be, once, with its own
+``reading_id`` (the consumer de-duplicates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.outbox_pages import RawRow, ScanResult, Value, scan_files
+from gateway.outbox_schema import COLUMNS
+
+_CHUNK = 256  # seqs per SQLite query: a damaged page costs at most this range to the scanner
+_SQLITE_ORDER = -0.5  # newer than the database file's pages, older than any WAL frame
+_CARRIED_COUNTERS = ("rejected_full", "dropped", "checksum_failures", "salvaged", "salvage_lost")
+
+Row = tuple[Value, ...]  # reading_id .. retry_at (14 columns)
+
+
+@dataclass(frozen=True, slots=True)
+class Salvage:
+    """What a salvage copied: rows copied (of which pending) and rows found but unreadable."""
+
+    salvaged: int
+    pending: int
+    lost: int
+
+
+def salvage_into(conn: sqlite3.Connection, damaged: Path, *, wal_damaged: bool) -> Salvage:
+    """Copy the readable rows of ``damaged`` (and its -wal) into the open outbox ``conn``."""
+    wal = damaged.with_name(damaged.name + "-wal")
+    had_wal = wal.exists()
+    scanned = scan_files(damaged, wal if had_wal else None)
+    try:
+        by_sqlite, answered, counters = _read_with_sqlite(damaged, scanned.max_seq)
+    finally:
+        # The read-only connection may have created an empty WAL and a wal-index: leave the
+        # kept files as they were.
+        damaged.with_name(damaged.name + "-shm").unlink(missing_ok=True)
+        if not had_wal and wal.exists() and wal.stat().st_size == 0:
+            wal.unlink()
+    chosen: dict[int, Row] = {}
+    lost = 0
+    for seq in sorted({*scanned.rows, *scanned.undecodable, *by_sqlite}):
+        candidates = _candidates(seq, scanned, by_sqlite, answered, wal_damaged=wal_damaged)
+        good = [(order, row) for order, row in candidates if _intact(row)]
+        if good:
+            # Delivery is one-way: a delivered copy is the newer truth whatever its source.
+            chosen[seq] = max(good, key=lambda c: (c[1][9] is not None, c[0]))[1]
+        elif candidates or (seq in scanned.undecodable and seq // _CHUNK not in answered):
+            lost += 1
+    high = max([scanned.max_seq, *chosen], default=0)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        salvaged = pending = 0
+        for seq, row in chosen.items():
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO readings (seq, reading_id, topic, payload, patient_id,"
+                " kind, measured_at, measured_day, valid, created_at, delivered_at, checksum,"
+                " quarantined_at, quarantine_reason, retry_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, *row),
+            )
+            if cur.rowcount == 1:
+                salvaged += 1
+                pending += row[9] is None and row[3] is not None
+        for name, value in counters.items():
+            conn.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                (name, value),
+            )
+        # A seq seen in the old file is never handed out again, even for a row that was lost.
+        conn.execute(
+            "UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'readings'", (high,)
+        )
+        conn.execute(
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'readings', ?"
+            " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'readings')",
+            (high,),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return Salvage(salvaged=salvaged, pending=pending, lost=lost)
+
+
+def _candidates(
+    seq: int,
+    scanned: ScanResult,
+    by_sqlite: dict[int, Row],
+    answered: set[int],
+    *,
+    wal_damaged: bool,
+) -> list[tuple[float, Row]]:
+    out: list[tuple[float, Row]] = []
+    if seq // _CHUNK in answered:
+        if seq in by_sqlite:
+            out.append((_SQLITE_ORDER, by_sqlite[seq]))
+        # SQLite answered for this range, so the file's other copies are stale (deleted rows);
+        # only commits it skipped in a damaged WAL are newer than what it saw.
+        raw = [r for r in scanned.rows.get(seq, []) if wal_damaged and r.order >= 0]
+    else:
+        raw = scanned.rows.get(seq, [])
+    out += [(r.order, _normal(r)) for r in raw]
+    return out
+
+
+def _normal(r: RawRow) -> Row:
+    return _pad(r.values)
+
+
+def _pad(values: Sequence[Value]) -> Row:
+    # A v1 row has no checksum, quarantine or retry columns: all NULL.
+    return (*values, *([None] * (len(COLUMNS) - 1 - len(values))))
+
+
+_TEXT, _OPT = (str,), (str, type(None))
+_ROW_TYPES = (_TEXT, _TEXT, (bytes,), _OPT, _TEXT, _TEXT, _TEXT, (int,), _TEXT,
+              _OPT, _OPT, _OPT, _OPT, _OPT)  # fmt: skip
+
+
+def _intact(row: Row) -> bool:
+    if len(row) != len(_ROW_TYPES) or not all(
+        isinstance(v, types) for v, types in zip(row, _ROW_TYPES, strict=True)
+    ):
+        return False
+    if row[7] not in (0, 1) or not row[0] or not row[1]:
+        return False
+    checksum, payload = row[10], row[2]
+    assert isinstance(payload, bytes)
+    return checksum is None or hashlib.sha256(payload).hexdigest() == checksum
+
+
+def _read_with_sqlite(
+    path: Path, max_seq: int
+) -> tuple[dict[int, Row], set[int], dict[str, int]]:
+    """Rows SQLite can read, the chunk numbers (seq // _CHUNK) it answered, the old counters."""
+    rows: dict[int, Row] = {}
+    answered: set[int] = set()
+    counters: dict[str, int] = {}
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return rows, answered, counters
+    try:
+        with contextlib.suppress(sqlite3.Error):
+            for name, value in conn.execute("SELECT name, value FROM counters"):
+                if name in _CARRIED_COUNTERS and isinstance(value, int) and value > 0:
+                    counters[name] = value
+        for probe in ("SELECT MAX(seq) FROM readings", "SELECT seq FROM sqlite_sequence"
+                      " WHERE name = 'readings'"):  # fmt: skip
+            with contextlib.suppress(sqlite3.Error, TypeError, ValueError):
+                max_seq = max(max_seq, int(conn.execute(probe).fetchone()[0]))
+        for chunk in range(max_seq // _CHUNK + 1):
+            try:
+                found = conn.execute(
+                    "SELECT * FROM readings WHERE seq >= ? AND seq < ? ORDER BY seq",
+                    (chunk * _CHUNK, (chunk + 1) * _CHUNK),
+                ).fetchall()
+            except sqlite3.Error:
+                continue
+            answered.add(chunk)
+            for r in found:
+                if len(r) in (11, len(COLUMNS)) and isinstance(r[0], int):
+                    rows[r[0]] = _pad(tuple(r[1:]))
+    finally:
+        conn.close()
+    return rows, answered, counters
