@@ -1,0 +1,197 @@
+"""corrupt: the outbox file damaged (truncated, garbage header, zero length, one payload byte) or locked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from faults.report import Row
+from faults.rig import Ctx, Rig
+from faults.tally import message_key, outbox_pending
+
+LOCK_HOLDER = """
+import sqlite3, sys, time
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute('PRAGMA locking_mode=EXCLUSIVE')
+c.execute('BEGIN EXCLUSIVE')
+c.execute('SELECT count(*) FROM readings').fetchone()
+print('LOCKED', flush=True)
+time.sleep(float(sys.argv[2]))
+c.execute('COMMIT')
+"""
+
+
+def _rows(db: Path) -> dict[int, bytes]:
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        return {int(s): bytes(p) for s, p in c.execute("SELECT seq, payload FROM readings")}
+
+
+def readable_keys(db: Path, seqs: list[int]) -> set[tuple[str, str]]:
+    """(device, raw) of each row SQLite itself can still read from the damaged file, row by row."""
+    out: set[tuple[str, str]] = set()
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return out
+    with contextlib.closing(conn):
+        for seq in seqs:
+            try:
+                got = conn.execute("SELECT payload FROM readings WHERE seq = ?", (seq,)).fetchone()
+            except sqlite3.Error:
+                continue
+            if got is not None:
+                with contextlib.suppress(ValueError):
+                    if (k := message_key(json.loads(got[0]))) is not None:
+                        out.add(k)
+    return out
+
+
+def _checkpoint(db: Path) -> None:
+    # The agent stopped cleanly; fold any WAL left into the main file so the damage is the file's.
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(str(db) + suffix).unlink()
+
+
+def truncate(db: Path) -> str:
+    """Cut the file in half."""
+    os.truncate(db, db.stat().st_size // 2)
+    return "truncated to half"
+
+
+def garbage_header(db: Path) -> str:
+    """Overwrite the 100-byte database header with garbage."""
+    with db.open("r+b") as f:
+        f.write(b"\xa5GARBAGE" * 12 + b"\x00" * 4)
+    return "header overwritten"
+
+
+def zero_length(db: Path) -> str:
+    """Leave an empty file where the outbox was."""
+    os.truncate(db, 0)
+    return "zero length"
+
+
+def change_payload_byte(db: Path, payloads: dict[int, bytes]) -> tuple[str, str]:
+    """Change one digit of one stored observation value in place; the reading id it hit."""
+    data = bytearray(db.read_bytes())
+    for payload in payloads.values():
+        at = data.find(payload)
+        rel = payload.find(b'"value"')
+        if at < 0 or rel < 0:
+            continue
+        i = at + rel + 7
+        while i < at + len(payload) and not chr(data[i]).isdigit():
+            i += 1
+        data[i] = ord("9") if data[i] != ord("9") else ord("1")
+        db.write_bytes(bytes(data))
+        return "one digit of a stored value changed", str(json.loads(payload)["reading_id"])
+    raise RuntimeError("no stored payload with a value found in the file")
+
+
+async def _supervised(rig: Rig, seconds: float) -> int:
+    """Run the agent as systemd would (restart 1 s after an exit) for `seconds`; the restarts."""
+    assert rig.agent is not None
+    restarts = 0
+    deadline = time.monotonic() + seconds
+    await rig.agent.start()
+    while time.monotonic() < deadline:
+        code = await rig.agent.wait(max(0.1, deadline - time.monotonic()))
+        if code is None:
+            break
+        restarts += 1
+        await asyncio.sleep(1.0)  # systemd's RestartSec
+        await rig.agent.start()
+    return restarts
+
+
+async def _stocked_rig(ctx: Ctx, name: str, stored: int) -> Rig:
+    rig = Rig(ctx, name, sim_args=["--devices", "scale,cuff", "--stored", str(stored)],
+              proxy_open=False)
+    await rig.__aenter__()
+    return rig
+
+
+async def corrupt(ctx: Ctx, name: str, damage: Callable[[Path], str] | None) -> Row:
+    """Fill the outbox with the broker away, stop the agent, damage the file, start again."""
+    stored = ctx.pick(30, 100, 300)
+    total = 2 * stored
+    rig = await _stocked_rig(ctx, name, stored)
+    try:
+        assert rig.agent is not None
+        await rig.agent.start()
+        await rig.wait_for(lambda: (outbox_pending(rig.outbox_db) or 0) >= total, 60 + stored * 0.2, 0.25)
+        await rig.agent.stop()
+        db = rig.outbox_db
+        _checkpoint(db)
+        payloads = _rows(db)
+        changed_id: str | None = None
+        holder: asyncio.subprocess.Process | None = None
+        inode = db.stat().st_ino
+        before = set(os.listdir(db.parent))
+        if damage is not None:
+            what = damage(db)
+        elif name.endswith("byte-changed"):
+            what, changed_id = change_payload_byte(db, payloads)
+        else:
+            hold = ctx.pick_s(4.0, 8.0, 8.0)
+            holder = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", LOCK_HOLDER, str(db), str(hold), stdout=subprocess.PIPE)
+            assert holder.stdout is not None
+            await asyncio.wait_for(holder.stdout.readline(), 10)
+            what = f"locked by another process for {hold:.0f} s"
+        readable = readable_keys(db, sorted(payloads))
+        await rig.reopen_broker()
+        started = time.time()
+        restarts = await _supervised(rig, 20.0 if holder else 8.0)
+        if holder is not None:
+            await asyncio.wait_for(holder.wait(), 30)
+        await rig.settle(total, timeout=60, quiet=10)
+        t = rig.tally()
+        rec = rig.first_delivery_after(started)
+        log = rig.agent.log_text()
+        after = set(os.listdir(db.parent))
+        inode_after = db.stat().st_ino if db.exists() else None
+        changed_published = [m for m in rig.collector.readings()
+                             if changed_id and m.body.get("reading_id") == changed_id
+                             and json.dumps(m.body, sort_keys=True) != json.dumps(
+                                 json.loads(next(p for p in payloads.values()
+                                                 if changed_id.encode() in p)), sort_keys=True)]
+        led = rig.ledger()
+        delivered_keys = {message_key(m.body) for m in rig.collector.readings()}
+    finally:
+        await rig.close()
+    row = Row.of(name, "corrupt", 1, t, rec)
+    row.notes.append(what)
+    # Rows SQLite cannot read any more were destroyed by the fault itself: not the agent's loss.
+    destroyed = [r for r in led.records if r.key not in readable and r.key not in delivered_keys]
+    if changed_id is not None:
+        destroyed += [r for r in led.records if r.key not in delivered_keys and r.key in readable
+                      and any(changed_id.encode() in p and r.payload.lower().encode() in p
+                              for p in payloads.values())]
+    if destroyed:
+        row.lost -= len(destroyed)
+        row.notes.append(f"{len(destroyed)} row(s) unreadable after the damage (not counted lost)")
+        row.verdict = "FAIL" if (row.lost or row.new_id_or_wrong_patient or row.violations) \
+            else "PASS"
+    if restarts:
+        row.notes.append(f"{restarts} restart(s) by the supervisor")
+    if changed_published:
+        row.fail(f"published {len(changed_published)} time(s) with the changed value")
+    if damage is zero_length and "empty" not in log.lower():
+        row.fail("an empty outbox where data was expected was not reported")
+    if holder is not None:
+        aside = sorted(after - before - {db.name + "-wal", db.name + "-shm"})
+        if aside or inode_after != inode:
+            row.fail(f"healthy locked outbox moved aside or replaced: {aside}")
+    return row
