@@ -188,8 +188,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"{p.severity.upper()} {p}")
     if errors:
+        positions = any("[" in p.key for p in problems)
         print(f"{args.path}: {errors} error{'s' * (errors != 1)}, {warnings} "
-              f"warning{'s' * (warnings != 1)} (positions such as devices[2] count from 1)")
+              f"warning{'s' * (warnings != 1)}"
+              + (" (positions such as devices[2] count from 1)" if positions else ""))
         return EX_CONFIG
     cfg = load_config(args.path)
     print(f"{args.path}: OK{f' with {warnings} warning(s)' if warnings else ''}: hub {cfg.hub.id},"

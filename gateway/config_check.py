@@ -455,7 +455,7 @@ def _check_storage(hub: HubConfig, outbox: OutboxConfig) -> list[Problem]:
             problems.append(_error(db_key, f"cannot write the outbox {db}: {_strerror(e)}"))
     if not any(p.severity == "error" for p in problems):
         base = _existing_ancestor(db.absolute().parent)
-        free_mb = shutil.disk_usage(base).free / 1e6
+        free_mb = shutil.disk_usage(base).free / (1024 * 1024)  # the outbox counts in MiB
         if free_mb < outbox.min_free_mb:
             problems.append(_warning(db_key, f"only {free_mb:.1f} MB free on {base}: no device is "
                                      f"read below outbox.min_free_mb = {outbox.min_free_mb}"))

@@ -58,7 +58,15 @@ def test_missing_ca_file_exits_78_naming_the_file(tmp_path: Path) -> None:
                            f"CA file {ca} does not exist")
     check = cli("config", "check", str(cfg))
     assert check.returncode == EX_CONFIG
-    assert f"ERROR mqtt.tls.ca_file: CA file {ca} does not exist" in check.stdout
+    assert check.stdout.splitlines() == [f"ERROR mqtt.tls.ca_file: CA file {ca} does not exist",
+                                         f"{cfg}: 1 error, 0 warnings"]
+
+
+def test_config_check_of_a_missing_file_exits_78(tmp_path: Path) -> None:
+    p = cli("config", "check", str(tmp_path / "none.toml"))
+    assert p.returncode == EX_CONFIG
+    assert p.stdout.splitlines()[0] == (
+        f"ERROR cannot read {tmp_path / 'none.toml'}: no such file or directory")
 
 
 def test_garbage_ca_file_exits_78(tmp_path: Path) -> None:
