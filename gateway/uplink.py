@@ -148,6 +148,7 @@ class Uplink:
         self._quarantined_logged = 0
         self._quarantine_logged_at = -QUARANTINE_LOG_S
         self._due: list[float] = []  # heap: monotonic times at which quarantined readings are due
+        self._due_changed = asyncio.Event()
         self._reconnects = 0
         self._connects = 0
         self._connected_at = 0.0
@@ -421,14 +422,13 @@ class Uplink:
         """Wait for a new reading, or for quarantined ones to be due: True for the latter."""
         # The cursor has moved past a quarantined reading; without this it would be offered
         # again only after the next reconnect, which a healthy connection may never need.
+        self._due_changed.clear()
         if not self._due:
-            await self._outbox.wait_for_pending()
+            await self._wait_for_work(None)
             return False
         delay = self._due[0] - time.monotonic()
         if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._outbox.wait_for_pending()
+            await self._wait_for_work(delay)
             return False
         # Start over only with nothing in flight and every PUBACK written, so readings the
         # broker has just taken are not offered again.
@@ -441,6 +441,19 @@ class Uplink:
         while self._due and self._due[0] <= now:
             heapq.heappop(self._due)
         return True
+
+    async def _wait_for_work(self, timeout: float | None) -> None:
+        # A new reading, or a reading quarantined meanwhile (its due time is the new deadline).
+        waits = {
+            asyncio.ensure_future(self._outbox.wait_for_pending()),
+            asyncio.ensure_future(self._due_changed.wait()),
+        }
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _deliver(self, client: AckingClient, item: Pending, window: asyncio.Semaphore) -> None:
         try:
@@ -479,6 +492,7 @@ class Uplink:
         # The outbox keeps its own (wall) clock for when the row is due: a margin, so the
         # rescan does not come a moment too early and miss it.
         heapq.heappush(self._due, time.monotonic() + self._cfg.quarantine_retry_s + _RESCAN_MARGIN_S)
+        self._due_changed.set()
         # An ACL that refuses the topic quarantines every reading: one line, then a count.
         now = time.monotonic()
         if now - self._quarantine_logged_at >= QUARANTINE_LOG_S:

@@ -168,7 +168,7 @@ class MqttFront:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
             self._writers.add(up_writer)
             up_writer.write(_encode(header, body))
-            mids: set[int] = set()
+            mids: dict[int, int] = {}  # mid of a refused PUBLISH -> its PUBACK code
             pipes = {
                 asyncio.create_task(self._upstream(reader, up_writer, mids)),
                 asyncio.create_task(self._downstream(up_reader, writer, mids)),
@@ -186,7 +186,7 @@ class MqttFront:
                     self._writers.discard(w)
 
     async def _upstream(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mids: set[int]
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mids: dict[int, int]
     ) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
             while True:
@@ -196,20 +196,19 @@ class MqttFront:
                     if body[2 : 2 + n].decode().endswith("/readings"):
                         self.readings_seen += 1
                         if self.reading_puback is not None:
-                            mids.add(int.from_bytes(body[2 + n : 4 + n], "big"))
+                            mids[int.from_bytes(body[2 + n : 4 + n], "big")] = self.reading_puback
                 writer.write(_encode(header, body))
                 await writer.drain()
 
     async def _downstream(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mids: set[int]
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mids: dict[int, int]
     ) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
             while True:
                 header, body = await _read_packet(reader)
-                if header >> 4 == 4 and int.from_bytes(body[:2], "big") in mids:  # PUBACK
-                    mids.discard(int.from_bytes(body[:2], "big"))
-                    assert self.reading_puback is not None
-                    body = body[:2] + bytes([self.reading_puback])
+                code = mids.pop(int.from_bytes(body[:2], "big"), None) if header >> 4 == 4 else None
+                if code is not None:  # the PUBACK of a reading to refuse
+                    body = body[:2] + bytes([code])
                 writer.write(_encode(header, body))
                 await writer.drain()
 
