@@ -33,11 +33,21 @@ Severity = Literal["error", "warning"]
 # Keys whose problems mean "the hub cannot store readings" (EX_CANTCREAT), not a bad config.
 STORAGE_KEYS = frozenset({"hub.data_dir", "outbox.path"})
 
+
+def _field_pattern(model: type[BaseModel], name: str) -> str | None:
+    field = model.model_fields.get(name)
+    for meta in field.metadata if field is not None else ():
+        pattern = getattr(meta, "pattern", None)
+        if isinstance(pattern, str):
+            return pattern
+    return None
+
+
 # What the patterns in gateway.config mean, said so a technician can fix the value.
 _PATTERN_WORDS = {
     ADDRESS_RE.pattern: "must look like A4:C1:38:00:00:01",
     ID_RE.pattern: "only letters, digits, '.', '_' and '-', up to 64 characters",
-    MqttConfig.model_fields["topic_prefix"].metadata[0].pattern:
+    _field_pattern(MqttConfig, "topic_prefix"):
         "only letters, digits, '.', '_', '-' and '/', up to 128 characters",
 }
 # Values of these keys are patient data: never echoed (the one-line error reaches the journal).
