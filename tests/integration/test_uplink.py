@@ -565,6 +565,27 @@ async def test_tls_with_the_wrong_ca_is_refused(
     assert await pending_count(outbox) == 1
 
 
+@pytest.mark.parametrize("ca_content", [None, b"not a certificate\n"], ids=["missing", "garbage"])
+async def test_a_ca_file_unusable_at_run_time_is_credentials_unreadable(
+    tls_broker: LocalBroker, pki: Path, outbox: Outbox, tmp_path: Path, ca_content: bytes | None
+) -> None:
+    # Deleted or overwritten after start-up validation: not a network error retried at the
+    # normal rate, and the message says which file.
+    ca = tmp_path / "ca-copy.crt"
+    if ca_content is not None:
+        ca.write_bytes(ca_content)
+    tls = TlsConfig(ca_file=ca, cert_file=pki / "client.crt", key_file=pki / "client.key")
+    cfg = mqtt_cfg(tls_broker.host, tls_broker.port, tls=tls, auth_retry_s=30.0)
+    uplink = Uplink(cfg, HUB, outbox, status_provider)
+    async with running(uplink):
+        await eventually(lambda: uplink.counters.reconnects >= 1, "a failed attempt")
+        await asyncio.sleep(0.3)
+        assert uplink.counters.reconnects == 1  # the long backoff, not reconnect_min_s
+        status = uplink.broker_status()
+    assert status["state"] == "credentials_unreadable"
+    assert "mqtt.tls.ca_file: cannot " in str(status["last_error"]) and str(ca) in str(status["last_error"])
+
+
 async def test_tls_without_a_client_certificate_is_refused(
     tls_broker: LocalBroker, pki: Path, outbox: Outbox
 ) -> None:
