@@ -69,7 +69,7 @@ _MIB = 1024 * 1024
 # SQLite's own disk headroom must fit under cfg.min_free_mb, the gate's floor: below the floor
 # no device is read, so everything SQLite needs to commit a session's readings must be there.
 # The WAL is checkpointed every _wal_pages(...) pages and truncated back to the same size, so
-# it stays at or below min(1 MiB, floor / 2) in normal use: 256 frames x (4096 + 24) bytes
+# it stays at or below min(1 MiB, floor / 2) in normal use: 254 frames x (4096 + 24) bytes
 # = 1.0 MiB. With the default 2 MiB floor: 1.0 MiB WAL + 32 KiB wal-index (-shm) + the
 # database's own growth for one session (a few pages; a reading is ~1 KiB) < 2 MiB. With the
 # smallest floor the config allows (0.25 MiB): a 128 KiB WAL (31 frames) + 32 KiB + growth.
@@ -462,7 +462,9 @@ class Outbox:
             conn = self._connect()
             try:
                 result = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
-                problem = None if result == ["ok"] else "; ".join(str(r) for r in result[:5])
+                problem = None if result == ["ok"] else " ".join(
+                    " ".join(str(r).split()) for r in result[:5]
+                )
             except sqlite3.Error as e:
                 if not _is_corruption(e):
                     conn.close()

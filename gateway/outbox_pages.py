@@ -5,12 +5,14 @@ rows on every other page are still on the disk. This module reads the file forma
 (https://sqlite.org/fileformat2.html): every table-leaf page (type 0x0D) of the database file and
 of the WAL (frames are a 24-byte header + one page; for a page number the later frame wins), every
 cell's record (varints, serial types), overflow chains. A row is recognised as a ``readings`` row
-by its column count and column types. Everything is bounds-checked: on arbitrary bytes the scanner
-finds nothing and never raises or loops.
+by its column count and column types. On a page whose header or cell pointers are damaged, cells
+are carved byte by byte and kept only when their payload checksum matches. Everything is
+bounds-checked: on arbitrary bytes the scanner finds nothing and never raises or loops.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
 from collections import Counter
@@ -135,7 +137,9 @@ class _Pages:
         header_ok = len(db) >= 100 and db[:16] == SQLITE_MAGIC
         self.page_size = _page_size(db[16:18]) if header_ok else None
         self.reserved = db[20] if header_ok else 0
-        self.wal_frames: dict[int, tuple[int, int]] = {}  # page number -> (offset, frame index)
+        # page number -> [(offset, frame index)], oldest first: every copy is read, so a row
+        # survives the damage of its page's newest frame if an older frame still holds it.
+        self.wal_frames: dict[int, list[tuple[int, int]]] = {}
         wal_page_size = self._index_wal()
         if self.page_size is None:
             self.page_size = wal_page_size or _DEFAULT_PAGE_SIZE
@@ -168,7 +172,7 @@ class _Pages:
             off = _WAL_HEADER + i * frame_len
             page_no = int.from_bytes(wal[off : off + 4], "big")
             if page_no >= 1:
-                self.wal_frames[page_no] = (off + _FRAME_HEADER, i)  # later frames win
+                self.wal_frames.setdefault(page_no, []).append((off + _FRAME_HEADER, i))
         return page_size if header_ok else None
 
     def numbers(self) -> Iterator[int]:
@@ -178,10 +182,9 @@ class _Pages:
         yield from sorted(set(range(1, in_file + 1)) | set(self.wal_frames))
 
     def copies(self, page_no: int) -> Iterator[tuple[bytes | memoryview, int]]:
-        """The page's copies, newest first: (bytes, order)."""
+        """The page's copies, newest first (later WAL frames win): (bytes, order)."""
         assert self.page_size is not None
-        if page_no in self.wal_frames:
-            off, index = self.wal_frames[page_no]
+        for off, index in reversed(self.wal_frames.get(page_no, [])):
             yield memoryview(self.wal)[off : off + self.page_size], index
         off = (page_no - 1) * self.page_size
         if off < len(self.db):
@@ -249,23 +252,100 @@ def _scan_page(
     pages: _Pages, page_no: int, page: bytes | memoryview, order: int, result: ScanResult
 ) -> None:
     hdr = 100 if page_no == 1 else 0
-    if len(page) < hdr + 8 or page[hdr] != 0x0D:
+    if len(page) < hdr + 8:
         return
-    ncells = int.from_bytes(page[hdr + 3 : hdr + 5], "big")
     assert pages.page_size is not None
     usable = pages.page_size - pages.reserved
     end = min(len(page), usable)
-    for i in range(ncells):
-        at = hdr + 8 + 2 * i
-        if at + 2 > end:
-            return
-        ptr = int.from_bytes(page[at : at + 2], "big")
-        if not hdr + 8 <= ptr < end:
-            continue
+    kind = page[hdr]
+    if kind in _OTHER_BTREE_PAGES:
+        return
+    damaged = kind != 0x0D
+    if not damaged:
+        ncells = int.from_bytes(page[hdr + 3 : hdr + 5], "big")
+        for i in range(ncells):
+            at = hdr + 8 + 2 * i
+            if at + 2 > end:
+                damaged = True
+                break
+            ptr = int.from_bytes(page[at : at + 2], "big")
+            if not hdr + 8 <= ptr < end:
+                damaged = True
+                continue
+            try:
+                _scan_cell(pages, page, ptr, end, usable, order, result)
+            except (_Bad, struct.error, ValueError, IndexError):
+                damaged = True
+    if damaged:
+        _carve(pages, page, hdr, end, usable, order, result)
+
+
+# Interior table, interior index and leaf index pages: never readings rows, and not damaged
+# in a way that matters here (SQLite's ranges cover what hangs below them).
+_OTHER_BTREE_PAGES = frozenset({0x02, 0x05, 0x0A})
+
+
+def _carve(
+    pages: _Pages,
+    page: bytes | memoryview,
+    hdr: int,
+    end: int,
+    usable: int,
+    order: int,
+    result: ScanResult,
+) -> None:
+    """Find cells on a page whose header or cell pointers are damaged, byte by byte.
+
+    The cells themselves may be intact. A carved row is kept only if its checksum (schema v2)
+    matches its payload: that is what tells a real cell from garbage that happens to parse.
+    """
+    data = bytes(page[:end])
+    if not data.strip(b"\0"):
+        return
+    q = data.find(b"\0", max(hdr, 1))
+    while 0 < q < end - 1:
+        # A readings record starts with its header size (one byte, 16..40 for 15 columns)
+        # and the NULL of the seq column: look back from each such spot for the cell start.
+        if 16 <= data[q - 1] <= 40:
+            _carve_at(pages, data, q - 1, end, usable, order, result)
+        q = data.find(b"\0", q + 1)
+
+
+def _carve_at(
+    pages: _Pages,
+    data: bytes,
+    record: int,
+    end: int,
+    usable: int,
+    order: int,
+    result: ScanResult,
+) -> None:
+    for start in range(max(0, record - 12), record - 1):
         try:
-            _scan_cell(pages, page, ptr, end, usable, order, result)
+            size, pos = _varint(data, start, end)
+            rowid, pos = _varint(data, pos, end)
+            if pos != record or rowid < 1 or rowid >= 1 << 62 or size > 1 << 30:
+                continue
+            local = _local_size(size, usable)
+            if pos + local > end:
+                continue
+            head = data[pos : pos + local]
+            types = _record_types(head)
+            if types is None or len(types) != len(_V2_TYPES) or not readings_shape(types):
+                continue
+            body = head if local == size else head + _overflow(pages, data, pos + local, end,
+                                                                size - local, usable)  # fmt: skip
+            values = _record_values(body, types)[1:]
         except (_Bad, struct.error, ValueError, IndexError):
             continue
+        payload, checksum = values[2], values[10]
+        if (
+            isinstance(payload, bytes)
+            and isinstance(checksum, str)
+            and hashlib.sha256(payload).hexdigest() == checksum
+        ):
+            result.rows.setdefault(rowid, []).append(RawRow(rowid, values, order))
+            return
 
 
 def _scan_cell(

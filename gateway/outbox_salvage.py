@@ -1,19 +1,20 @@
 """Copy every readable row of a damaged outbox file into the new outbox that replaces it.
 
 SQLite is asked first, one range of seqs at a time (read-only, so the file kept for manual
-recovery is not changed): where it answers, its rows are the truth for that range. Where it
-cannot (a damaged page under that range, or a header so damaged it refuses the whole file), the
-raw page scanner of :mod:`gateway.outbox_pages` supplies the rows. Rows found only in a damaged
-WAL (commits SQLite would skip) come from the scanner too. Every row keeps its seq and state:
-pending rows stay pending, delivered rows keep ``delivered_at`` (so a device re-sending them is
-still recognised as a duplicate), quarantined and unattributed rows stay so. A row whose
-checksum does not match its payload is not copied: it is counted as lost.
+recovery is not changed): its copy of a row is the row's current state. Where it cannot answer
+(a damaged page under that range, or a header so damaged it refuses the whole file), and for
+rows it does not return (a damaged interior page hides a subtree without an error; commits in a
+damaged WAL that it skips), the raw page scanner of :mod:`gateway.outbox_pages` supplies them.
+Every row keeps its seq and state: pending rows stay pending, delivered rows keep
+``delivered_at`` (so a device re-sending one is still recognised as a duplicate), quarantined
+and unattributed rows stay so. A row whose checksum does not match its payload is not copied:
+it is counted as lost.
 
-Known limit: a page the database had freed still holds its old cells until reused, so with a
-header too damaged to find the free list, a row deleted long ago (mostly delivered rows pruned
-after ``keep_delivered_days``) can come back. It comes back with its ``delivered_at``, so it is
-not published again; only a pending row deleted by the size policy could be, once, with its own
-``reading_id`` (the consumer de-duplicates).
+Known limit: a page the database freed still holds its old cells until it is reused, so a row
+deleted earlier can come back, mostly a delivered row pruned after ``keep_delivered_days``: it
+comes back delivered and is not published again. Only a pending row deleted by the size policy
+could be published once more, with its own ``reading_id`` (the consumer de-duplicates); losing
+a reading the scanner could read would be worse.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from gateway.outbox_pages import RawRow, ScanResult, Value, scan_files
 from gateway.outbox_schema import COLUMNS
 
-_CHUNK = 256  # seqs per SQLite query: a damaged page costs at most this range to the scanner
+_CHUNK = 256  # seqs per SQLite query: a damaged page costs SQLite's answer for this range only
 _SQLITE_ORDER = -0.5  # newer than the database file's pages, older than any WAL frame
 _CARRIED_COUNTERS = ("rejected_full", "dropped", "checksum_failures", "salvaged", "salvage_lost")
 
@@ -50,7 +51,7 @@ def salvage_into(conn: sqlite3.Connection, damaged: Path, *, wal_damaged: bool) 
     had_wal = wal.exists()
     scanned = scan_files(damaged, wal if had_wal else None)
     try:
-        by_sqlite, answered, counters = _read_with_sqlite(damaged, scanned.max_seq)
+        by_sqlite, counters = _read_with_sqlite(damaged, scanned.max_seq)
     finally:
         # The read-only connection may have created an empty WAL and a wal-index: leave the
         # kept files as they were.
@@ -60,12 +61,12 @@ def salvage_into(conn: sqlite3.Connection, damaged: Path, *, wal_damaged: bool) 
     chosen: dict[int, Row] = {}
     lost = 0
     for seq in sorted({*scanned.rows, *scanned.undecodable, *by_sqlite}):
-        candidates = _candidates(seq, scanned, by_sqlite, answered, wal_damaged=wal_damaged)
+        candidates = _candidates(seq, scanned, by_sqlite, wal_damaged=wal_damaged)
         good = [(order, row) for order, row in candidates if _intact(row)]
         if good:
             # Delivery is one-way: a delivered copy is the newer truth whatever its source.
             chosen[seq] = max(good, key=lambda c: (c[1][9] is not None, c[0]))[1]
-        elif candidates or (seq in scanned.undecodable and seq // _CHUNK not in answered):
+        elif candidates or seq in scanned.undecodable:
             lost += 1
     high = max([scanned.max_seq, *chosen], default=0)
     conn.execute("BEGIN IMMEDIATE")
@@ -106,23 +107,15 @@ def salvage_into(conn: sqlite3.Connection, damaged: Path, *, wal_damaged: bool) 
 
 
 def _candidates(
-    seq: int,
-    scanned: ScanResult,
-    by_sqlite: dict[int, Row],
-    answered: set[int],
-    *,
-    wal_damaged: bool,
+    seq: int, scanned: ScanResult, by_sqlite: dict[int, Row], *, wal_damaged: bool
 ) -> list[tuple[float, Row]]:
+    # SQLite's copy is the current state of the row, unless the WAL is damaged: then frames
+    # it skipped may be newer. The scanner's copies always count too: a damaged interior page
+    # can make SQLite answer a range without error yet without every row in it.
     out: list[tuple[float, Row]] = []
-    if seq // _CHUNK in answered:
-        if seq in by_sqlite:
-            out.append((_SQLITE_ORDER, by_sqlite[seq]))
-        # SQLite answered for this range, so the file's other copies are stale (deleted rows);
-        # only commits it skipped in a damaged WAL are newer than what it saw.
-        raw = [r for r in scanned.rows.get(seq, []) if wal_damaged and r.order >= 0]
-    else:
-        raw = scanned.rows.get(seq, [])
-    out += [(r.order, _normal(r)) for r in raw]
+    if seq in by_sqlite:
+        out.append((_SQLITE_ORDER if wal_damaged else float("inf"), by_sqlite[seq]))
+    out += [(r.order, _normal(r)) for r in scanned.rows.get(seq, [])]
     return out
 
 
@@ -152,17 +145,14 @@ def _intact(row: Row) -> bool:
     return checksum is None or hashlib.sha256(payload).hexdigest() == checksum
 
 
-def _read_with_sqlite(
-    path: Path, max_seq: int
-) -> tuple[dict[int, Row], set[int], dict[str, int]]:
-    """Rows SQLite can read, the chunk numbers (seq // _CHUNK) it answered, the old counters."""
+def _read_with_sqlite(path: Path, max_seq: int) -> tuple[dict[int, Row], dict[str, int]]:
+    """The rows SQLite can still read (range by range), and the old file's counters."""
     rows: dict[int, Row] = {}
-    answered: set[int] = set()
     counters: dict[str, int] = {}
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
     except sqlite3.Error:
-        return rows, answered, counters
+        return rows, counters
     try:
         with contextlib.suppress(sqlite3.Error):
             for name, value in conn.execute("SELECT name, value FROM counters"):
@@ -179,11 +169,10 @@ def _read_with_sqlite(
                     (chunk * _CHUNK, (chunk + 1) * _CHUNK),
                 ).fetchall()
             except sqlite3.Error:
-                continue
-            answered.add(chunk)
+                continue  # a damaged page under this range: the scanner's copies stand
             for r in found:
                 if len(r) in (11, len(COLUMNS)) and isinstance(r[0], int):
                     rows[r[0]] = _pad(tuple(r[1:]))
     finally:
         conn.close()
-    return rows, answered, counters
+    return rows, counters
