@@ -341,8 +341,17 @@ class VirtualRadio:
                         f"simulate --listen {host}:{port}` first): {e}"
                     ) from e
                 await asyncio.sleep(0.2)
+        terminated = getattr(self._transport.source, "terminated", None)
+        if isinstance(terminated, asyncio.Future):
+            terminated.add_done_callback(self._on_link_lost)
         config = device_configuration("rpm-gateway hub", self.hub_address)
         return Device(config=config, host=Host(self._transport.source, self._transport.sink))
+
+    def _on_link_lost(self, _future: object) -> None:
+        """The simulate process hung up (stopped, or took another hub): say so once."""
+        if self._transport is not None:  # not our own close
+            log.error("virtual radio: the link to %s is gone (did `rpm-gateway simulate` "
+                      "stop?); restart the agent once it runs again", self.hci)
 
     def _close_transport(self) -> None:
         """Close the TCP transport to a remote controller, if there is one."""
