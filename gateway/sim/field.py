@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Self, TypeVar
 
+from bumble import hci
 from bumble.link import LocalLink
 
 from gateway.sim.hci_server import HubControllerServer
@@ -38,7 +39,7 @@ class DeviceField:
     async def __aenter__(self) -> Self:
         """Create the link; must run inside the loop that will use it."""
         self._link = LocalLink()  # type: ignore[no-untyped-call]  # bumble left it unannotated
-        self._server = HubControllerServer(self._link, self._on_hub_change)
+        self._server = HubControllerServer(self._link, self._on_hub_change, self._rssi_of)
         return self
 
     async def __aexit__(
@@ -54,6 +55,11 @@ class DeviceField:
             self._peripherals.pop(peripheral.address.upper(), None)
             async with asyncio.timeout(self._op_timeout):
                 await peripheral.detach()
+
+    def _rssi_of(self, address: hci.Address) -> int | None:
+        """The scripted signal strength of the device advertising from `address`."""
+        peripheral = self._peripherals.get(address.to_string(with_type_qualifier=False))
+        return peripheral.rssi if peripheral is not None else None
 
     @property
     def link(self) -> LocalLink:

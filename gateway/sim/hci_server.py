@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from bumble import hci
 from bumble.link import LocalLink
 from bumble.transport.common import PacketParser
 
@@ -39,6 +40,7 @@ class _Session(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._controller = _HubController("rpm-gateway hub", link=self._server.link)
+        self._controller.rssi_of = self._server.rssi_of
         self._controller.host = self  # we are its packet sink
         self._parser = PacketParser(self._controller)
         self._server._opened(self)
@@ -83,8 +85,15 @@ class _Session(asyncio.Protocol):
 class HubControllerServer:
     """Serves a fresh hub controller on `link` to each TCP client in turn; one at a time."""
 
-    def __init__(self, link: LocalLink, on_change: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        link: LocalLink,
+        on_change: Callable[[bool], None] | None = None,
+        rssi_of: Callable[[hci.Address], int | None] | None = None,
+    ) -> None:
         self.link = link
+        self.rssi_of = rssi_of
+        """The RSSI the hub's controller reports per advertiser (None: bumble's -50 dBm)."""
         self.sessions = 0
         """How many hub hosts have connected so far."""
         self._on_change = on_change

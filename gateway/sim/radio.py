@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import struct
 import uuid
@@ -180,6 +181,28 @@ _P = TypeVar("_P", bound=Peripheral)
 class _HubController(Controller):
     """bumble's controller, plus a working LE Create Connection Cancel."""
 
+    rssi_of: Callable[[hci.Address], int | None] | None = None
+    """The signal strength to report per advertiser (bumble reports -50 dBm for all)."""
+
+    def send_hci_packet(self, packet: hci.HCI_Packet) -> None:
+        """Send to the host, with each advertiser's own RSSI in advertising reports."""
+        super().send_hci_packet(self._with_rssi(packet))
+
+    def _with_rssi(self, packet: hci.HCI_Packet) -> hci.HCI_Packet:
+        """The packet, its advertising reports carrying `rssi_of` where it knows better."""
+        rssi_of = self.rssi_of
+        if rssi_of is None:
+            return packet
+        if isinstance(packet, hci.HCI_LE_Advertising_Report_Event):
+            return hci.HCI_LE_Advertising_Report_Event(
+                [dataclasses.replace(r, rssi=_or(rssi_of(r.address), r.rssi))
+                 for r in packet.reports])
+        if isinstance(packet, hci.HCI_LE_Extended_Advertising_Report_Event):
+            return hci.HCI_LE_Extended_Advertising_Report_Event(
+                [dataclasses.replace(r, rssi=_or(rssi_of(r.address), r.rssi))
+                 for r in packet.reports])
+        return packet
+
     def on_hci_le_create_connection_cancel_command(
         self, _command: hci.HCI_LE_Create_Connection_Cancel_Command
     ) -> hci.HCI_StatusReturnParameters:
@@ -225,6 +248,11 @@ class _HubController(Controller):
         self.le_connections.clear()
         if self in self.link.controllers:
             self.link.remove_controller(self)
+
+
+def _or(value: int | None, default: int) -> int:
+    """`value` unless it is None."""
+    return default if value is None else value
 
 
 def link_address(address: str) -> hci.Address:

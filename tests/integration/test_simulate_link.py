@@ -159,3 +159,14 @@ def test_link_spec_must_be_tcp_host_port(spec: str) -> None:
     with pytest.raises(ValueError, match="tcp:HOST:PORT"):
         parse_hci_link(spec)
     assert parse_hci_link("tcp:127.0.0.1:7000") == ("127.0.0.1", 7000)
+
+
+async def test_adverts_carry_each_devices_own_rssi_across_the_link(field: DeviceField) -> None:
+    await field.add_peripheral(demo_scale(SCALE, readings=1, rssi=-71))
+    await field.add_peripheral(demo_cuff(CUFF, readings=1, rssi=-48))
+    async with VirtualRadio(hci=await served(field)) as radio:
+        seen: dict[str, int] = {}
+        async with BleakScanner(lambda d, a: seen.__setitem__(d.address, a.rssi),
+                                backend=VirtualScannerBackend, radio=radio):
+            await until(lambda: len(seen) == 2)
+    assert seen == {SCALE: -71, CUFF: -48}
