@@ -6,6 +6,18 @@ controller's HCI on TCP (gateway.sim.hci_server). An agent configured with ``[ra
 memory, see the link drop, and re-send what the hub never confirmed to the next agent.
 
 Prints ``READY tcp:HOST:PORT`` on stdout once serving, then runs until SIGTERM or SIGINT.
+
+Two terminals::
+
+    $ rpm-gateway simulate -- --devices scale,cuff --listen 127.0.0.1:7000 --bonding \
+          --readings 20 --interval 1 --ledger /tmp/ledger.jsonl
+    READY tcp:127.0.0.1:7000
+
+    $ rpm-gateway run --config gateway.toml   # [radio] kind = "virtual"
+                                              #         link = "tcp:127.0.0.1:7000"
+
+Bonds live in the agent's (in-memory) key store, so a restarted agent has none: the cuff keeps
+its old keys and accepts re-pairing (Just Works) from the same hub address, as the test shows.
 """
 
 from __future__ import annotations
