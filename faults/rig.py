@@ -125,7 +125,8 @@ class Rig:
         self.dir = ctx.workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir or self.dir / "state"
-        self.sim_args = list(sim_args)
+        # simulate takes 3 readings per device unless told otherwise; a row says how many.
+        self.sim_args = list(sim_args) if "--readings" in sim_args else [*sim_args, "--readings", "0"]
         self.commit_delay_ms = commit_delay_ms
         self.window_s = commit_delay_ms / 1000 + WINDOW_MARGIN_S
         self.cuff_slot = cuff_slot
@@ -227,21 +228,26 @@ class Rig:
         return tally(self.ledger(), self.collector.readings(), self.expect, patients,
                      kills=kills, window_s=self.window_s, in_outbox=outbox_keys(self.outbox_db), **kw)
 
-    def settled(self, total: int) -> bool:
-        """All `total` readings produced, and each expected one delivered or lost in the window."""
+    def settled(self, total: int, gone: frozenset[tuple[str, str]] = frozenset()) -> bool:
+        """All `total` readings produced, and each expected one delivered or lost in the window.
+
+        `gone`: readings the fault itself destroyed, not waited for.
+        """
         led = self.ledger()
         if len(led.records) < total:
             return False
+        led.records = [r for r in led.records if r.key not in gone]
         t = tally(led, self.collector.readings(), self.expect, set(),
                   kills=self.agent.kills if self.agent else [], window_s=self.window_s)
         return t.lost == 0
 
-    async def settle(self, total: int, timeout: float, quiet: float = 20.0) -> float:
+    async def settle(self, total: int, timeout: float, quiet: float = 20.0,
+                     gone: frozenset[tuple[str, str]] = frozenset()) -> float:
         """Wait until settled(total), or no progress for `quiet` s, or timeout; seconds waited."""
         t0 = time.monotonic()
         last_count, last_change = -1, t0
         while time.monotonic() - t0 < timeout:
-            if self.settled(total):
+            if self.settled(total, gone):
                 break
             n = len(self.collector.readings()) + len(self.ledger().records)
             if n != last_count:
@@ -293,3 +299,8 @@ class Rig:
     def delivered_since(self, t: float) -> Callable[[], bool]:
         """A condition: some reading was delivered at or after t."""
         return lambda: self.first_delivery_after(t) is not None
+
+    def online_since(self, t: float) -> Callable[[], bool]:
+        """A condition: the agent published an online status at or after t (its uplink is up)."""
+        return lambda: any(m.t >= t and isinstance(m.body, dict) and m.body.get("state") != "offline"
+                           for m in self.collector.statuses())

@@ -99,7 +99,7 @@ async def frozen_network(ctx: Ctx, *, during_drain: bool) -> Row:
             await rig.wait_for(lambda: outbox_pending(rig.outbox_db) == 0, 10)
         rig.proxy.freeze()
         # Longer than the keepalive and the publish timeout: the agent must notice on its own.
-        await rig.wait_for(lambda: False, keepalive * 1.5 + publish_timeout + 2)
+        await rig.wait_for(lambda: False, ctx.pick_s(6.0, keepalive * 1.5 + publish_timeout + 2, 30.0))
         rig.proxy.thaw()
         thawed = time.time()
         await rig.settle(2 * (stored + readings), timeout=readings * interval + 120)

@@ -88,8 +88,9 @@ async def bad_config(ctx: Ctx, name: str) -> Row:
 async def wrong_credentials(ctx: Ctx) -> Row:
     """The broker refuses the password: a long backoff and one ERROR, not a retry loop."""
     name = "config-wrong-credentials"
-    watch = ctx.pick_s(6.0, 12.0, 20.0)
-    async with Rig(ctx, name, with_sim=False, users={"hub": "right"}) as rig:
+    watch = ctx.pick_s(5.0, 12.0, 20.0)
+    async with Rig(ctx, name, with_sim=False, users={"hub": "right"},
+                   anonymous=True) as rig:
         assert rig.agent is not None
         pw = rig.dir / "pw"
         pw.write_text("wrong\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from faults.report import Row
 from faults.rig import Ctx, Rig
-from faults.tally import message_key, outbox_pending
+from faults.tally import message_key, outbox_offerable, outbox_pending
 
 LOCK_HOLDER = """
 import sqlite3, sys, time
@@ -34,24 +34,17 @@ def _rows(db: Path) -> dict[int, bytes]:
         return {int(s): bytes(p) for s, p in c.execute("SELECT seq, payload FROM readings")}
 
 
-def readable_keys(db: Path, seqs: list[int]) -> set[tuple[str, str]]:
-    """(device, raw) of each row SQLite itself can still read from the damaged file, row by row."""
-    out: set[tuple[str, str]] = set()
+def readable_keys(db: Path, payloads: dict[int, bytes]) -> set[tuple[str, str]]:
+    """(device, raw) of each stored row whose payload bytes are still intact in the damaged file.
+
+    The yardstick for salvage: a row still on the disk, byte for byte, can be read back (the
+    header or the B-tree pages around it may be gone; the cell itself is not).
+    """
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-    except sqlite3.Error:
-        return out
-    with contextlib.closing(conn):
-        for seq in seqs:
-            try:
-                got = conn.execute("SELECT payload FROM readings WHERE seq = ?", (seq,)).fetchone()
-            except sqlite3.Error:
-                continue
-            if got is not None:
-                with contextlib.suppress(ValueError):
-                    if (k := message_key(json.loads(got[0]))) is not None:
-                        out.add(k)
-    return out
+        data = db.read_bytes()
+    except OSError:
+        return set()
+    return {k for p in payloads.values() if p in data and (k := message_key(json.loads(p)))}
 
 
 def _checkpoint(db: Path) -> None:
@@ -99,20 +92,14 @@ def change_payload_byte(db: Path, payloads: dict[int, bytes]) -> tuple[str, str]
     raise RuntimeError("no stored payload with a value found in the file")
 
 
-async def _supervised(rig: Rig, seconds: float) -> int:
-    """Run the agent as systemd would (restart 1 s after an exit) for `seconds`; the restarts."""
+async def supervise(rig: Rig, restarts: list[float]) -> None:
+    """Keep the agent running as systemd would (restart 1 s after any exit) until cancelled."""
     assert rig.agent is not None
-    restarts = 0
-    deadline = time.monotonic() + seconds
-    await rig.agent.start()
-    while time.monotonic() < deadline:
-        code = await rig.agent.wait(max(0.1, deadline - time.monotonic()))
-        if code is None:
-            break
-        restarts += 1
-        await asyncio.sleep(1.0)  # systemd's RestartSec
+    while True:
         await rig.agent.start()
-    return restarts
+        await rig.agent.wait(1e9)
+        restarts.append(time.time())
+        await asyncio.sleep(1.0)  # systemd's RestartSec
 
 
 async def _stocked_rig(ctx: Ctx, name: str, stored: int) -> Rig:
@@ -150,42 +137,56 @@ async def corrupt(ctx: Ctx, name: str, damage: Callable[[Path], str] | None) -> 
             assert holder.stdout is not None
             await asyncio.wait_for(holder.stdout.readline(), 10)
             what = f"locked by another process for {hold:.0f} s"
-        readable = readable_keys(db, sorted(payloads))
+        readable = readable_keys(db, payloads)
+        led = rig.ledger()
+        changed_key = next((k for p in payloads.values() if changed_id and changed_id.encode() in p
+                            for k in [message_key(json.loads(p))] if k is not None), None)
+        # Rows SQLite cannot read any more were destroyed by the fault itself, and the changed
+        # one must be held back: neither is the agent's loss, neither is waited for.
+        stored_keys = {k for p in payloads.values() if (k := message_key(json.loads(p)))}
+        gone = frozenset((stored_keys - readable) | ({changed_key} if changed_key else set()))
         await rig.reopen_broker()
         started = time.time()
-        restarts = await _supervised(rig, 20.0 if holder else 8.0)
-        if holder is not None:
-            await asyncio.wait_for(holder.wait(), 30)
-        await rig.settle(total, timeout=60, quiet=10)
+        restarts: list[float] = []
+        keeper = asyncio.create_task(supervise(rig, restarts))
+        try:
+            if holder is not None:
+                await asyncio.wait_for(holder.wait(), 30)
+            # Up, with what it salvaged delivered; then the rest (devices' new readings).
+            await rig.wait_for(rig.online_since(started), 30)
+            await rig.wait_for(lambda: outbox_offerable(db) == 0, 30, 0.2)
+            await rig.settle(total, timeout=60, quiet=10, gone=gone)
+            # A moment more: a changed row published late would show now.
+            await rig.wait_for(lambda: False, 1.0)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         t = rig.tally()
         rec = rig.first_delivery_after(started)
         log = rig.agent.log_text()
         after = set(os.listdir(db.parent))
         inode_after = db.stat().st_ino if db.exists() else None
+        original = json.loads(next(p for p in payloads.values() if changed_id.encode() in p)) \
+            if changed_id else None
         changed_published = [m for m in rig.collector.readings()
                              if changed_id and m.body.get("reading_id") == changed_id
-                             and json.dumps(m.body, sort_keys=True) != json.dumps(
-                                 json.loads(next(p for p in payloads.values()
-                                                 if changed_id.encode() in p)), sort_keys=True)]
+                             and m.body != original]
         led = rig.ledger()
         delivered_keys = {message_key(m.body) for m in rig.collector.readings()}
     finally:
         await rig.close()
     row = Row.of(name, "corrupt", 1, t, rec)
     row.notes.append(what)
-    # Rows SQLite cannot read any more were destroyed by the fault itself: not the agent's loss.
-    destroyed = [r for r in led.records if r.key not in readable and r.key not in delivered_keys]
-    if changed_id is not None:
-        destroyed += [r for r in led.records if r.key not in delivered_keys and r.key in readable
-                      and any(changed_id.encode() in p and r.payload.lower().encode() in p
-                              for p in payloads.values())]
+    destroyed = [r for r in led.records if r.key in gone and r.key not in delivered_keys]
     if destroyed:
         row.lost -= len(destroyed)
-        row.notes.append(f"{len(destroyed)} row(s) unreadable after the damage (not counted lost)")
+        row.notes.append(f"{len(destroyed)} reading(s) no longer intact in the file "
+                         "(not counted lost)")
         row.verdict = "FAIL" if (row.lost or row.new_id_or_wrong_patient or row.violations) \
             else "PASS"
     if restarts:
-        row.notes.append(f"{restarts} restart(s) by the supervisor")
+        row.notes.append(f"{len(restarts)} restart(s) by the supervisor")
     if changed_published:
         row.fail(f"published {len(changed_published)} time(s) with the changed value")
     if damage is zero_length and "empty" not in log.lower():

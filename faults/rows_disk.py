@@ -41,16 +41,12 @@ def resize(where: Path, size: str) -> None:
 def fill(where: Path) -> Path:
     """Write a filler file until the filesystem is full (ENOSPC); returns it."""
     filler = where / "filler"
-    with filler.open("wb") as f:
-        chunk = b"\0" * 65536
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(chunk)
-                f.flush()
-        with contextlib.suppress(OSError):
-            while True:  # the last few KiB
-                f.write(b"\0" * 512)
-                f.flush()
+    # Unbuffered: a buffered file would raise ENOSPC again when it is closed.
+    with filler.open("wb", buffering=0) as f:
+        for size in (1 << 16, 512):  # then the last few KiB
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * size)
     return filler
 
 

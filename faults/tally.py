@@ -96,6 +96,23 @@ def outbox_pending(db: Path) -> int | None:
         return None
 
 
+def outbox_offerable(db: Path) -> int | None:
+    """Rows the agent still means to publish: pending, attributed, not quarantined (None: unreadable)."""
+    queries = ("SELECT count(*) FROM readings WHERE delivered_at IS NULL AND patient_id IS NOT NULL"
+               " AND quarantined_at IS NULL",
+               "SELECT count(*) FROM readings WHERE delivered_at IS NULL")  # schema v1
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            for q in queries:
+                try:
+                    return int(c.execute(q).fetchone()[0])
+                except sqlite3.OperationalError:
+                    continue
+    except sqlite3.Error:
+        pass
+    return None
+
+
 def message_key(body: Any) -> tuple[str, str] | None:
     """(device, raw) of a delivered reading, None if it does not carry them."""
     try:
