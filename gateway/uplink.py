@@ -147,7 +147,9 @@ class Uplink:
         self._quarantined = 0
         self._quarantined_logged = 0
         self._quarantine_logged_at = -QUARANTINE_LOG_S
-        self._due: list[float] = []  # heap: monotonic times at which quarantined readings are due
+        # Heap of monotonic times at which quarantined readings are due. Never empty: one sweep
+        # per quarantine_retry_s also finds rows quarantined before the agent (re)started.
+        self._due: list[float] = [time.monotonic() + cfg.quarantine_retry_s]
         self._due_changed = asyncio.Event()
         self._reconnects = 0
         self._connects = 0
@@ -242,7 +244,8 @@ class Uplink:
             except (UplinkError, OutboxError) as e:
                 error: UplinkError | OutboxError = e
             was_connected = self._connects > connects
-            if was_connected and time.monotonic() - self._connected_at >= STABLE_CONNECTION_S:
+            stable = was_connected and time.monotonic() - self._connected_at >= STABLE_CONNECTION_S
+            if stable:
                 # Only a connection that stayed up starts the backoff over: one that is dropped
                 # right after CONNACK must not reconnect at full rate for ever.
                 attempt = 0
@@ -255,7 +258,7 @@ class Uplink:
             self._reconnects += 1
             self._last_error = str(error)
             if was_connected:
-                self._health.lost(self._last_error, delay)
+                self._health.lost(self._last_error, delay, stable=stable)
             else:
                 self._health.failed(state, self._last_error, delay)
             await self._pause(delay, wakeable=state not in SLOW_STATES)
@@ -423,9 +426,6 @@ class Uplink:
         # The cursor has moved past a quarantined reading; without this it would be offered
         # again only after the next reconnect, which a healthy connection may never need.
         self._due_changed.clear()
-        if not self._due:
-            await self._wait_for_work(None)
-            return False
         delay = self._due[0] - time.monotonic()
         if delay > 0:
             await self._wait_for_work(delay)
@@ -440,6 +440,8 @@ class Uplink:
         now = time.monotonic()
         while self._due and self._due[0] <= now:
             heapq.heappop(self._due)
+        if not self._due:
+            heapq.heappush(self._due, now + self._cfg.quarantine_retry_s)
         return True
 
     async def _wait_for_work(self, timeout: float | None) -> None:

@@ -1,7 +1,8 @@
 """The uplink's view of the broker: a state for the status payload, and logs that do not flood.
 
 One line per change of state; while a broker stays unreachable, a reminder at most every
-``REMIND_S`` with the number of attempts, and debug lines otherwise. Refused or unreadable
+``REMIND_S`` with the number of attempts, and debug lines otherwise. A connection that keeps
+dropping right after it was made is reported once per ``REMIND_S`` too. Refused or unreadable
 credentials log one ERROR when they start (they are retried rarely; every retry is at debug).
 """
 
@@ -55,6 +56,9 @@ class BrokerHealth:
         self.last_error: str | None = None
         self._reminded_at = time.monotonic()
         self._repeats = 0
+        self._flapping = False
+        self._lost_logged_at = -remind_s
+        self._lost_repeats = 0
 
     def _enter(self, state: BrokerState) -> bool:
         if state is self.state:
@@ -68,17 +72,28 @@ class BrokerHealth:
     def connected(self, protocol: str, tls: bool) -> None:
         """A CONNACK accepted the connection."""
         self._enter(BrokerState.CONNECTED)
-        self._log.info(
-            "uplink connected to %s (MQTT %s%s)", self._where, protocol, ", TLS" if tls else ""
+        level = logging.DEBUG if self._flapping else logging.INFO
+        self._log.log(
+            level, "uplink connected to %s (MQTT %s%s)", self._where, protocol, ", TLS" if tls else ""
         )
 
-    def lost(self, error: str, retry_in: float) -> None:
-        """An established connection ended."""
+    def lost(self, error: str, retry_in: float, *, stable: bool) -> None:
+        """An established connection ended; ``stable``: it had lasted a while."""
         self.last_error = error
         self._enter(BrokerState.CONNECTING)
+        now = time.monotonic()
+        # A connection dropped right after CONNACK again and again (a broker that refuses a
+        # reading for now, a flaky link): the first drop is news, the next ones are not.
+        self._flapping = not stable and now - self._lost_logged_at < self._remind_s
+        if self._flapping:
+            self._lost_repeats += 1
+            self._log.debug("uplink to %s: %s; reconnecting in %.1fs", self._where, error, retry_in)
+            return
+        again = f" ({self._lost_repeats} more drops since the last report)" if self._lost_repeats else ""
         self._log.warning(
-            "uplink to %s: %s; reconnecting in %.1fs", self._where, error, retry_in
+            "uplink to %s: %s; reconnecting in %.1fs%s", self._where, error, retry_in, again
         )
+        self._lost_logged_at, self._lost_repeats = now, 0
 
     def failed(self, state: BrokerState, error: str, retry_in: float) -> None:
         """A connection attempt failed; ``state`` says how."""

@@ -132,3 +132,21 @@ async def test_a_quarantined_reading_is_offered_again_on_the_slow_schedule(
             await eventually(lambda: uplink.counters.acked == 1, "acked")
             assert uplink.counters.reconnects == 0 and uplink.counters.published == 2
     assert (await outbox.stats()).delivered == 1
+
+
+async def test_readings_quarantined_before_a_restart_are_offered_again_on_a_live_connection(
+    mosquitto: LocalBroker, outbox: Outbox, mqtt_subscriber: Subscribe
+) -> None:
+    # A previous run quarantined it; this uplink never saw the refusal, so only its periodic
+    # sweep (every quarantine_retry_s) can find the row once it is due.
+    sub = await mqtt_subscriber(mosquitto, READINGS)
+    await outbox.put(make_item(1))
+    [row] = await outbox.pending(1)
+    await outbox.quarantine(row.seq, "broker refused it: 0x87 Not authorized", 0.5)
+    cfg = mqtt_cfg(mosquitto.host, mosquitto.port, quarantine_retry_s=0.5)
+    uplink = Uplink(cfg, HUB, outbox, status_provider)
+    async with running(uplink):
+        await eventually(lambda: uplink.connected, "connected")
+        await sub.wait_for(1, timeout=5)
+        assert uplink.counters.reconnects == 0
+    assert reading_ids(sub) == ["r-000001"]

@@ -229,6 +229,7 @@ async def test_frozen_network_during_a_drain_loses_nothing(
         await eventually(lambda: uplink.counters.reconnects >= 1, "the publish timeout noticed it")
         await eventually(lambda: uplink.counters.acked >= n, "the rest delivered", timeout=10)
         await eventually(lambda: pending_zero(outbox), "outbox drained")
+        await sub.wait_until(lambda _: len(set(reading_ids(sub))) >= n)
     assert first_arrivals(reading_ids(sub)) == [item.reading_id for item in items]
 
 
