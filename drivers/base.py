@@ -29,9 +29,10 @@ STATUS_FLAGS = (
 )
 
 
-def user_slot(user_id: int | None) -> int | None:
-    """The device's user slot, or None: 0xFF is "unknown user" (health-devices.md §3.1, §4.1)."""
-    return None if user_id in (None, USER_UNKNOWN) else user_id
+UNKNOWN_USER = USER_UNKNOWN
+"""The user id a device sends for "unknown user" (0xFF, health-devices.md §3.1, §4.1): kept as
+255 in the payload, never read as "the device cannot tell", so it is never filed under a patient
+whose binding names a slot."""
 
 
 class Observation(BaseModel):
@@ -57,7 +58,14 @@ class Measurement(BaseModel):
     device_time: dt.datetime | None = Field(
         default=None, description="device clock as sent, naive local time; null if absent/unknown"
     )
-    user_index: int | None = None
+    user_index: int | None = Field(
+        default=None, description="the user id as sent; 255 = the device's 'unknown user'; "
+        "null when the value has no user field")
+    timestamped: bool = Field(
+        default=False, description="the value carries a device time stamp field, even one whose "
+        "date is unknown (year 0): re-sent records then repeat the same bytes")
+    sequence: int | None = Field(
+        default=None, description="the device's record sequence number, where it sends one")
     characteristic: str = Field(description="16-bit UUID of the characteristic, e.g. '2a35'")
     raw: bytes = Field(exclude=True)
 
@@ -81,6 +89,10 @@ class ClockCheck:
     device_time: dt.datetime | None
     offset_s: float | None
     set_ok: bool
+
+
+class StorageUnavailableError(Exception):
+    """The hub cannot store readings now; the session ends before subscribing (device keeps them)."""
 
 
 MeasurementSink = Callable[[Measurement], Awaitable[None]]
@@ -140,6 +152,14 @@ class SessionHooks(Protocol):
 
     def hub_clock_trusted(self) -> bool:
         """Whether the hub's own clock is synchronised, so it may set device clocks."""
+        ...
+
+    async def storage_blocked(self) -> str | None:
+        """Why readings cannot be stored now (None: they can); asked before subscribing."""
+        ...
+
+    def committed(self, window_s: float) -> None:
+        """A value was committed this long after its notification callback ran."""
         ...
 
     def local_now(self) -> dt.datetime:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from drivers import uuids
-from drivers.base import Measurement, Observation, user_slot
+from drivers.base import Measurement, Observation
 from drivers.codec.blood_pressure import (
     BloodPressureMeasurement,
     decode_blood_pressure_measurement,
@@ -50,7 +50,8 @@ def decode_bp(raw: bytes) -> Measurement:
         status=m.status_flags(),
         valid=valid,
         device_time=m.timestamp.to_datetime() if m.timestamp else None,
-        user_index=user_slot(m.user_id),
+        timestamped=m.timestamp is not None,
+        user_index=m.user_id,
         characteristic="2a35",
         raw=bytes(raw),
     )

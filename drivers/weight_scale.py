@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from drivers import uuids
-from drivers.base import Measurement, Observation, user_slot
+from drivers.base import Measurement, Observation
 from drivers.codec.weight import WeightMeasurement, decode_weight_measurement
 from drivers.standard_profile import StandardProfileDriver
 
@@ -40,7 +40,8 @@ def decode_weight(raw: bytes) -> Measurement:
         observations=weight_observations(m),
         valid=m.successful,
         device_time=m.timestamp.to_datetime() if m.timestamp else None,
-        user_index=user_slot(m.user_id),
+        timestamped=m.timestamp is not None,
+        user_index=m.user_id,
         characteristic="2a9d",
         raw=bytes(raw),
     )

@@ -18,10 +18,14 @@ log = logging.getLogger(__name__)
 def belongs_to(binding: DeviceBinding, m: Measurement) -> bool:
     """Whether a measurement is the bound patient's: a device with user slots says whose it is.
 
-    A binding to slot N refuses readings the device files under another slot (a spouse on
-    the same cuff); a device that sends no slot cannot tell, so the binding decides.
+    A binding without a slot takes every reading of its device (the technician bound the
+    device to one person). A binding to slot N takes only slot N: another slot (a spouse on
+    the same cuff) and the device's own "unknown user" (255, a guest) are not this patient's.
+    A value with no user field at all cannot tell, so the binding decides.
     """
-    return binding.user_index is None or m.user_index is None or m.user_index == binding.user_index
+    if binding.user_index is None or m.user_index is None:
+        return True
+    return m.user_index == binding.user_index
 
 
 def build_reading(
@@ -37,18 +41,27 @@ def build_reading(
     received_at: dt.datetime,
     zone: ZoneInfo,
     hub_clock_synced: bool,
+    connection: str = "",
+    occurrence: int = 0,
+    attributed: bool = True,
 ) -> Reading:
-    """The payload for one measurement; pure, so every rule here is unit-testable."""
+    """The payload for one measurement; pure, so every rule here is unit-testable.
+
+    `connection` and `occurrence` identify a frame that carries neither time stamp nor
+    sequence (see timebase.reading_id). An unattributed reading gets no patient id.
+    """
     offset = clock.offset_s if clock is not None and hub_clock_synced else None
-    measured_at, source = resolve_measured_at(m.device_time, offset, received_at, zone)
+    measured_at, source = resolve_measured_at(m.device_time, offset, received_at, zone,
+                                              hub_synced=hub_clock_synced)
     rid = reading_id(
         address, m.characteristic, m.raw,
-        received_at=received_at if m.device_time is None else None,
+        identified=m.timestamped or m.sequence is not None,
+        connection=connection, occurrence=occurrence,
     )
     return Reading(
         reading_id=rid,
         hub_id=hub_id,
-        patient_id=binding.patient_id,
+        patient_id=binding.patient_id if attributed else "",
         device=DeviceRef(address=address.upper(), manufacturer=info.manufacturer,
                          model=info.model, serial=info.serial, firmware=info.firmware,
                          system_id=info.system_id, driver=driver_name),
@@ -75,7 +88,8 @@ def outbox_item(r: Reading, zone: ZoneInfo) -> OutboxItem:
         reading_id=r.reading_id,
         topic="readings",
         payload=r.to_json(),
-        patient_id=r.patient_id,
+        # No patient: stored and counted, never published (the outbox keeps it out of pending).
+        patient_id=r.patient_id or None,
         kind=r.kind,
         measured_at=r.measured_at.astimezone(dt.UTC).isoformat(),
         measured_day=r.measured_at.astimezone(zone).date().isoformat(),
@@ -86,7 +100,10 @@ def outbox_item(r: Reading, zone: ZoneInfo) -> OutboxItem:
 async def commit(outbox: Outbox, r: Reading, zone: ZoneInfo) -> PutResult:
     """Store a reading durably; returns only after the commit reached the disk."""
     result = await outbox.put(outbox_item(r, zone))
-    if result is PutResult.STORED:
+    if result is PutResult.STORED and not r.patient_id:
+        log.info("reading %s stored as unattributed (%s from %s)", r.reading_id, r.kind,
+                 r.device.address)
+    elif result is PutResult.STORED:
         log.info("reading %s stored (%s from %s)", r.reading_id, r.kind, r.device.address)
     elif result is PutResult.DUPLICATE:
         log.info("reading %s already stored; device re-sent it", r.reading_id)

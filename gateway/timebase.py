@@ -15,6 +15,9 @@ from gateway.models import TimeSource
 # fall back to epochs such as 1970 or 2000 (health-devices.md §2.5).
 EARLIEST_PLAUSIBLE = dt.datetime(2010, 1, 1, tzinfo=dt.UTC)
 LATEST_AHEAD = dt.timedelta(days=2)
+# With an unsynchronised hub clock (a Pi has no RTC: after boot it may be weeks behind, restored
+# from the last shutdown) "ahead of the hub" proves nothing; only this outer bound applies.
+LATEST_PLAUSIBLE = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
 
 
 def resolve_measured_at(
@@ -22,8 +25,14 @@ def resolve_measured_at(
     offset_s: float | None,
     received_at: dt.datetime,
     zone: ZoneInfo,
+    *,
+    hub_synced: bool = True,
 ) -> tuple[dt.datetime, TimeSource]:
-    """UTC measurement time and where it came from; never invents a date."""
+    """UTC measurement time and where it came from; never invents a date.
+
+    A device time is believed when it is plausible: not before 2010 (lost clocks restart at
+    1970 or 2000) and, while the hub clock is synchronised, not more than two days ahead of it.
+    """
     if device_time is None:
         return received_at, "hub_receipt"
     source: TimeSource = "device_clock"
@@ -34,21 +43,36 @@ def resolve_measured_at(
         local = device_time - dt.timedelta(seconds=offset_s)
         source = "device_clock_corrected"
     measured = local.replace(tzinfo=zone).astimezone(dt.UTC)
-    if measured < EARLIEST_PLAUSIBLE or measured > received_at + LATEST_AHEAD:
+    latest = received_at + LATEST_AHEAD if hub_synced else LATEST_PLAUSIBLE
+    if measured < EARLIEST_PLAUSIBLE or measured > latest:
         return received_at, "hub_receipt"
     return measured, source
 
 
-def reading_id(address: str, characteristic: str, raw: bytes, *, received_at: dt.datetime | None) -> str:
-    """Stable id: the same bytes from the same device are the same measurement.
+def reading_id(
+    address: str,
+    characteristic: str,
+    raw: bytes,
+    *,
+    identified: bool,
+    connection: str = "",
+    occurrence: int = 0,
+) -> str:
+    """Stable id: the same measurement gets the same id, distinct measurements never share one.
 
-    The raw value holds the device time stamp (and user slot), so a re-sent stored record
-    hashes the same. A value without a time stamp cannot be told from a genuine repeat
-    (two weighings can be byte-identical), so then the receipt time joins the key.
+    `identified`: the value carries what tells one measurement from another (a device time
+    stamp or a record sequence number, both inside `raw`), so a device re-sending a stored
+    record on any later connection hashes to the same id.
+
+    Otherwise nothing in the bytes can tell a re-sent measurement from a new, identical one
+    (two weighings of 81.4 kg). The rule then: every frame received is a measurement of its
+    own, keyed by the connection it arrived on and its position among identical frames on that
+    connection. Distinct measurements never share an id; a device that replays untimestamped
+    memory on a later connection yields new ids (no rule can avoid that; README, contract).
     """
     key = f"v1|{address.upper()}|{characteristic.lower()}|{raw.hex()}"
-    if received_at is not None:
-        key += "|" + received_at.astimezone(dt.UTC).isoformat(timespec="seconds")
+    if not identified:
+        key += f"|conn={connection}|n={occurrence}"
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 

@@ -97,3 +97,13 @@ def test_unknown_characteristic_is_a_usage_error(capsys: pytest.CaptureFixture[s
     code, _, err = decode(capsys, "2a1c", "00")
     assert code == 64
     assert "0x2A35" in err
+
+
+def test_unknown_user_is_255_and_no_user_field_is_null(capsys: pytest.CaptureFixture[str]) -> None:
+    # BPM row 1 with user id 0xFF ("unknown user", health-devices.md §4.1), and row 3 (no field).
+    code, doc, _ = decode(capsys, "2a35", "1E800052006100E907030E07340A4000FF0400")
+    assert code == 0
+    assert doc["user_index"] == 255
+    code, doc, _ = decode(capsys, "2a35", "01A0F06BF07DF0")
+    assert code == 0
+    assert doc["user_index"] is None

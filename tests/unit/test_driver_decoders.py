@@ -47,9 +47,10 @@ def test_garbage_raises_only_decode_error(data: bytes) -> None:
             decode(data)
 
 
-def test_unknown_user_0xff_is_no_slot() -> None:
+def test_unknown_user_0xff_is_kept_as_255() -> None:
+    # 0xFF is the device saying "a guest", not "I cannot tell": it must stay visible (issue 5).
     # health-devices.md §12 BPM row 1 with its User ID byte (offset 16) set to 0xFF, "unknown user".
     raw = bytearray.fromhex("1E800052006100E907030E07340A4000010400")
     assert decode_bp(bytes(raw)).user_index == 1
     raw[16] = 0xFF
-    assert decode_bp(bytes(raw)).user_index is None
+    assert decode_bp(bytes(raw)).user_index == 255

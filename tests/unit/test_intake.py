@@ -73,8 +73,41 @@ def test_outbox_item_day_is_patient_local() -> None:
 def test_user_slot_attribution() -> None:
     slot1 = decode_bp(BPM)  # the row 1 reading is filed under user 1
     assert slot1.user_index == 1
+    assert belongs_to(BINDING, slot1)  # a binding without a slot takes every reading
     assert belongs_to(BINDING, slot1)  # binding without a slot: the device is the patient's
     assert belongs_to(BINDING.model_copy(update={"user_index": 1}), slot1)
     assert not belongs_to(BINDING.model_copy(update={"user_index": 2}), slot1)
     no_slot = decode_bp(bytes.fromhex("01A0F06BF07DF0"))  # §12 BPM row 3: no user id field
     assert belongs_to(BINDING.model_copy(update={"user_index": 2}), no_slot)
+
+
+# BPM row 1 with user id 0xFF: the device's own "unknown user" (health-devices.md §4.1), a guest.
+GUEST = BPM[:-3] + b"\xff" + BPM[-2:]
+
+
+def test_unknown_user_is_never_filed_under_a_slot_binding() -> None:
+    guest = decode_bp(GUEST)
+    assert guest.user_index == 255  # kept as sent, not turned into "cannot tell"
+    assert not belongs_to(BINDING.model_copy(update={"user_index": 1}), guest)
+    assert belongs_to(BINDING, guest)  # the technician bound the whole device to one person
+
+
+def test_unattributed_reading_has_no_patient_and_stays_out_of_the_patients_rows() -> None:
+    m = decode_bp(GUEST)
+    r = build_reading(
+        m, hub_id="hub-1", binding=BINDING, address="aa:bb:cc:dd:ee:01", info=DeviceInfo(),
+        driver_name="sig_blood_pressure", driver_version="1.0", clock=None,
+        received_at=RECEIVED, zone=CHICAGO, hub_clock_synced=True, attributed=False)
+    assert r.patient_id == ""
+    assert r.user_index == 255
+    assert outbox_item(r, CHICAGO).patient_id is None
+
+
+def test_timestamped_reading_id_is_the_same_on_every_connection() -> None:
+    a = build(BPM, None)
+    b = build_reading(
+        decode_bp(BPM), hub_id="hub-1", binding=BINDING, address="aa:bb:cc:dd:ee:01",
+        info=DeviceInfo(), driver_name="sig_blood_pressure", driver_version="1.0", clock=None,
+        received_at=RECEIVED + dt.timedelta(days=1), zone=CHICAGO, hub_clock_synced=True,
+        connection="another", occurrence=2)
+    assert a.reading_id == b.reading_id

@@ -38,19 +38,43 @@ def test_future_clock_is_not_believed() -> None:
     assert resolve_measured_at(future, None, RECEIVED, CHICAGO)[1] == "hub_receipt"
 
 
+def test_unsynced_hub_clock_behind_does_not_overrule_a_good_device_clock() -> None:
+    # A Pi boots with the time of its last shutdown (no RTC) until NTP syncs: a correct
+    # device clock is then "days ahead" of the hub, and must still win over a stale receipt.
+    stale = RECEIVED - dt.timedelta(days=20)
+    t, src = resolve_measured_at(dt.datetime(2025, 3, 14, 7, 52, 10), None, stale, CHICAGO,
+                                 hub_synced=False)
+    assert (t, src) == (dt.datetime(2025, 3, 14, 12, 52, 10, tzinfo=dt.UTC), "device_clock")
+    # A device clock centuries off is still not believed.
+    assert resolve_measured_at(dt.datetime(2150, 1, 1), None, stale, CHICAGO,
+                               hub_synced=False)[1] == "hub_receipt"
+
+
 def test_reading_id_is_stable_and_specific() -> None:
     raw = bytes.fromhex("1E80005200610 0E907030E07340A4000010400".replace(" ", ""))
-    a = reading_id("aa:bb:cc:dd:ee:ff", "2A35", raw, received_at=None)
-    assert a == reading_id("AA:BB:CC:DD:EE:FF", "2a35", raw, received_at=None)
+    a = reading_id("aa:bb:cc:dd:ee:ff", "2A35", raw, identified=True)
+    # A time-stamped record re-sent on any later connection keeps its id.
+    assert a == reading_id("AA:BB:CC:DD:EE:FF", "2a35", raw, identified=True,
+                           connection="2025-03-15T08:00:00", occurrence=3)
     assert len(a) == 32
-    assert a != reading_id("AA:BB:CC:DD:EE:00", "2a35", raw, received_at=None)
-    assert a != reading_id("AA:BB:CC:DD:EE:FF", "2a35", raw[:-1] + b"\x01", received_at=None)
+    assert a != reading_id("AA:BB:CC:DD:EE:00", "2a35", raw, identified=True)
+    assert a != reading_id("AA:BB:CC:DD:EE:FF", "2a35", raw[:-1] + b"\x01", identified=True)
 
 
-def test_reading_id_without_timestamp_includes_receipt_second() -> None:
-    # Two byte-identical weighings without a time stamp are two readings (openScale PR #1512).
+def test_untimestamped_identical_frames_are_distinct_measurements() -> None:
+    # Two byte-identical weighings without a time stamp are two readings (openScale PR #1512):
+    # on one connection they differ by position, on two connections by the connection.
     raw = bytes.fromhex("00B036")
-    first = reading_id("AA:BB:CC:DD:EE:FF", "2a9d", raw, received_at=RECEIVED)
-    later = reading_id("AA:BB:CC:DD:EE:FF", "2a9d", raw,
-                       received_at=RECEIVED + dt.timedelta(minutes=5))
-    assert first != later
+    ids = {reading_id("AA:BB:CC:DD:EE:FF", "2a9d", raw, identified=False, connection=c,
+                      occurrence=n) for c in ("conn-1", "conn-2") for n in (0, 1)}
+    assert len(ids) == 4
+
+
+def test_untimestamped_id_does_not_depend_on_receipt_time() -> None:
+    # The old rule added the receipt second: the same frame re-offered a second later by the
+    # hub's own retry was a new reading, and two frames within one second collapsed into one.
+    raw = bytes.fromhex("00B036")
+    first = reading_id("AA:BB:CC:DD:EE:FF", "2a9d", raw, identified=False, connection="c",
+                       occurrence=0)
+    assert first == reading_id("AA:BB:CC:DD:EE:FF", "2a9d", raw, identified=False,
+                               connection="c", occurrence=0)
