@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from drivers import blood_pressure, weight_scale
 from drivers.base import Driver
+from drivers.standard_profile import CombinedDriver, StandardProfileDriver
 
 if TYPE_CHECKING:
     from bleak.backends.device import BLEDevice
@@ -33,6 +34,20 @@ def match(device: BLEDevice, adv: AdvertisementData) -> Driver | None:
         names = ", ".join(d.name for d in found)
         raise AmbiguousDriverError(f"{device.address} matches several drivers: {names}")
     return found[0] if found else None
+
+
+def match_all(device: BLEDevice, adv: AdvertisementData) -> list[Driver]:
+    """Every driver that claims an advertised device (a combined device has several)."""
+    return [d for d in ALL_DRIVERS if d.matches(device, adv)]
+
+
+def combine(found: list[Driver]) -> Driver:
+    """One driver that reads every profile in `found`: a combined device is read, not refused."""
+    parts = [d for d in found if isinstance(d, StandardProfileDriver)]
+    if len(parts) != len(found):
+        # Only the standard conversation can be shared; read the first (most specific) one.
+        return found[0]
+    return CombinedDriver(tuple(parts))
 
 
 def check_unique_names() -> None:

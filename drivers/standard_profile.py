@@ -11,14 +11,22 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bleak.exc import BleakError, BleakGATTProtocolError, BleakGATTProtocolErrorCode
 
 from drivers import uuids
-from drivers.base import ClockCheck, DeviceInfo, Measurement, MeasurementSink, SessionHooks
+from drivers.base import (
+    ClockCheck,
+    DeviceInfo,
+    Measurement,
+    MeasurementSink,
+    SessionHooks,
+    StorageUnavailableError,
+)
 from drivers.codec.date_time import (
     CurrentTime,
     DateTime,
@@ -63,8 +71,9 @@ def needs_pairing(err: BaseException) -> bool:
     """Whether a GATT error means the link must be encrypted (bonded) first."""
     if isinstance(err, BleakGATTProtocolError):
         return err.code in _AUTH_CODES
+    # BlueZ words it "[org.bluez.Error.NotPermitted] Not paired" or quotes the ATT error.
     text = str(err).lower()
-    return "authentication" in text or "encryption" in text
+    return any(w in text for w in ("authentication", "encryption", "not paired"))
 
 
 @dataclass(frozen=True)
@@ -167,63 +176,154 @@ class StandardProfileDriver:
     async def _subscribe_and_drain(
         self, client: BleakClient, sink: MeasurementSink, hooks: SessionHooks
     ) -> None:
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        await subscribe_and_drain(client, ((self.measurement, self.decode),), sink, hooks)
 
-        def on_value(_: BleakGATTCharacteristic, data: bytearray) -> None:
-            queue.put_nowait(bytes(data))
 
-        await self._start_notify(client, on_value, hooks)
-        watch = asyncio.create_task(self._watch_link(hooks.link_lost, queue))
+Subscription = tuple[int, Callable[[bytes], Measurement]]
+"""A measurement characteristic (16-bit UUID) and the pure decoder of its values."""
+
+
+async def subscribe_and_drain(
+    client: BleakClient, subscriptions: Sequence[Subscription], sink: MeasurementSink,
+    hooks: SessionHooks,
+) -> None:
+    """Subscribe to every measurement characteristic and commit each value as it arrives.
+
+    The stack confirms an indication before this code sees it, so the device may already have
+    forgotten the record: the commit starts from the notification callback itself, one task
+    per value, never queued behind the decoding or committing of others. Tasks start in arrival
+    order and each reaches the outbox's single writer thread before its first suspension, so
+    commit order is arrival order. The session ends when the device hangs up, goes quiet, or a
+    commit fails (then at once: what the device has not sent yet stays in its memory).
+    """
+    # Checked again here, after identity and clock: the disk may have filled since the
+    # connection was decided, and nothing is lost before the subscription.
+    blocked = await hooks.storage_blocked()
+    if blocked is not None:
+        raise StorageUnavailableError(blocked)
+    loop = asyncio.get_running_loop()
+    commits: set[asyncio.Task[None]] = set()
+    activity = asyncio.Event()
+    failed: list[BaseException] = []
+
+    async def commit(decode: Callable[[bytes], Measurement], uuid16: int, data: bytes,
+                     arrived: float) -> None:
         try:
-            while True:
-                # Most devices hang up once they have sent everything (derdilla survey, obniz;
-                # health-devices.md §8.4); for the others, silence ends the session.
-                try:
-                    async with asyncio.timeout(hooks.quiet_s):
-                        data = await queue.get()
-                except TimeoutError:
-                    return
-                if data is None:
-                    return
-                await self._store(data, sink, hooks)
-        finally:
-            watch.cancel()
-            # The stack confirmed these indications already, so the device may have forgotten
-            # them: commit what arrived even when the session is being cancelled.
-            while not queue.empty():
-                data = queue.get_nowait()
-                if data is not None:
-                    await self._store(data, sink, hooks)
-
-    async def _store(self, data: bytes, sink: MeasurementSink, hooks: SessionHooks) -> None:
-        try:
-            measurement = self.decode(data)
+            measurement = decode(data)
         except DecodeError as e:
-            hooks.rejected(f"{self.measurement:04x}", data, str(e))
+            hooks.rejected(f"{uuid16:04x}", data, str(e))
             return
-        await sink(measurement)
-
-    async def _start_notify(
-        self, client: BleakClient, callback: Callable[[BleakGATTCharacteristic, bytearray], None],
-        hooks: SessionHooks,
-    ) -> None:
-        target = uuids.full(self.measurement)
         try:
-            async with asyncio.timeout(hooks.op_timeout_s):
-                await client.start_notify(target, callback)
-        except BleakError as e:
-            if not needs_pairing(e):
-                raise
-            # The CCCD of a medical measurement usually needs an encrypted link (§6):
-            # bond, then subscribe again.
-            log.info("device requires bonding; pairing")
-            async with asyncio.timeout(hooks.op_timeout_s * PAIRING_TIMEOUT_FACTOR):
-                await client.pair()
-            async with asyncio.timeout(hooks.op_timeout_s):
-                await client.start_notify(target, callback)
+            await sink(measurement)
+        except Exception as e:
+            failed.append(e)
+            activity.set()
+            return
+        hooks.committed(time.perf_counter() - arrived)
 
-    @staticmethod
-    async def _watch_link(link_lost: asyncio.Event, queue: asyncio.Queue[bytes | None]) -> None:
-        # Values already queued stay ahead of the end marker, so nothing received is dropped.
-        await link_lost.wait()
-        queue.put_nowait(None)
+    def callback(uuid16: int, decode: Callable[[bytes], Measurement]
+                 ) -> Callable[[BleakGATTCharacteristic, bytearray], None]:
+        def on_value(_: BleakGATTCharacteristic, data: bytearray) -> None:
+            task = loop.create_task(commit(decode, uuid16, bytes(data), time.perf_counter()))
+            commits.add(task)
+            task.add_done_callback(commits.discard)
+            activity.set()
+        return on_value
+
+    watch = loop.create_task(_wake_on(hooks.link_lost, activity))
+    try:
+        for uuid16, decode in subscriptions:
+            await _start_notify(client, uuid16, callback(uuid16, decode), hooks)
+        # Most devices hang up once they have sent everything (derdilla survey, obniz;
+        # health-devices.md §8.4); for the others, silence ends the session.
+        while not hooks.link_lost.is_set() and not failed:
+            activity.clear()
+            try:
+                async with asyncio.timeout(hooks.quiet_s):
+                    await activity.wait()
+            except TimeoutError:
+                break
+    finally:
+        watch.cancel()
+        await _settle(commits)
+    if failed:
+        raise failed[0]
+
+
+async def _wake_on(event: asyncio.Event, activity: asyncio.Event) -> None:
+    await event.wait()
+    activity.set()
+
+
+async def _settle(tasks: set[asyncio.Task[None]]) -> None:
+    """Wait for every commit in flight, even while being cancelled (their values were confirmed)."""
+    cancelled = False
+    while tasks:
+        try:
+            await asyncio.wait(set(tasks))
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _start_notify(
+    client: BleakClient, measurement: int,
+    callback: Callable[[BleakGATTCharacteristic, bytearray], None], hooks: SessionHooks,
+) -> None:
+    target = uuids.full(measurement)
+    try:
+        async with asyncio.timeout(hooks.op_timeout_s):
+            await client.start_notify(target, callback)
+    except BleakError as e:
+        if not needs_pairing(e):
+            raise
+        # The CCCD of a medical measurement usually needs an encrypted link (§6):
+        # bond, then subscribe again.
+        log.info("device requires bonding; pairing")
+        async with asyncio.timeout(hooks.op_timeout_s * PAIRING_TIMEOUT_FACTOR):
+            await client.pair()
+        async with asyncio.timeout(hooks.op_timeout_s):
+            await client.start_notify(target, callback)
+
+
+@dataclass(frozen=True)
+class CombinedDriver:
+    """A device offering several supported SIG profiles: one conversation, every profile read.
+
+    Identity and clock are read once; every part's measurement characteristic is subscribed.
+    Readings carry the name of the part whose characteristic they came from (`part_for`).
+    """
+
+    parts: tuple[StandardProfileDriver, ...]
+
+    @property
+    def name(self) -> str:
+        """The parts' names joined with '+'."""
+        return "+".join(p.name for p in self.parts)
+
+    @property
+    def version(self) -> str:
+        """The first part's version (each reading carries its own part's)."""
+        return self.parts[0].version
+
+    def matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
+        """True when any part matches."""
+        return any(p.matches(device, adv) for p in self.parts)
+
+    def part_for(self, characteristic: str) -> StandardProfileDriver:
+        """The part that reads `characteristic` (16-bit UUID as hex)."""
+        for p in self.parts:
+            if f"{p.measurement:04x}" == characteristic.lower():
+                return p
+        return self.parts[0]
+
+    async def collect(self, client: BleakClient, sink: MeasurementSink, hooks: SessionHooks) -> None:
+        """Identity and clock once, then every part's measurements."""
+        first = self.parts[0]
+        hooks.device_info(await first._device_info(client, hooks))
+        hooks.clock(await first._clock(client, hooks))
+        offered = [p for p in self.parts
+                   if client.services.get_characteristic(uuids.full(p.measurement)) is not None]
+        subs = [(p.measurement, p.decode) for p in offered or self.parts]
+        await subscribe_and_drain(client, subs, sink, hooks)

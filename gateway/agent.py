@@ -8,17 +8,22 @@ import dataclasses
 import datetime as dt
 import logging
 import signal
+import statistics
+from collections import deque
 from collections.abc import Callable
 
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
 from drivers import registry as drivers
-from drivers.base import DeviceInfo, Driver, Measurement
+from drivers.base import DeviceInfo, Driver, Measurement, StorageUnavailableError
+from drivers.standard_profile import CombinedDriver
+from gateway.ble.errors import BondLostError, SessionError
 from gateway.ble.radio import Radio, open_radio
-from gateway.ble.session import SessionContext, SessionError, run_session
+from gateway.ble.session import SessionContext, run_session
 from gateway.config import DeviceBinding, GatewayConfig
 from gateway.intake import belongs_to, build_reading, commit
+from gateway.lograte import StateLog
 from gateway.outbox import Outbox, OutboxError, PutResult
 from gateway.registry import Pairings
 from gateway.status import HubStatus
@@ -29,6 +34,13 @@ log = logging.getLogger(__name__)
 
 # A device keeps advertising for a moment after it disconnects; don't chase that echo.
 RECONNECT_COOLDOWN_S = 2.0
+# A session that keeps failing (out of range, interference) is retried at most this rarely;
+# sessions that bring nothing back off up to radio.idle_backoff_max_s.
+FAILED_BACKOFF_MAX_S = 60.0
+# How often the storage gate is re-checked (statvfs: cheap), so it reopens by itself.
+STORAGE_CHECK_S = 5.0
+# The last this many commit windows (notification callback → commit returned) are summarised.
+COMMIT_WINDOWS_KEPT = 2000
 HOUSEKEEPING_INTERVAL_S = 60.0
 PRUNE_INTERVAL_S = 3600.0
 SCAN_RETRY_MIN_S = 2.0
@@ -61,12 +73,24 @@ class Agent:
         self._events: set[asyncio.Task[None]] = set()
         self._known_info: dict[str, DeviceInfo] = {}  # per address, from the first session
         self._refresh = asyncio.Event()  # the status changed: publish it now
+        self._idle_runs: dict[str, int] = {}  # sessions in a row that brought nothing, per device
+        self._adv_signature: dict[str, object] = {}  # vendor/service data at the last session
+        self._storage_block: str | None = None
+        self._storage_checked = False
+        self._commit_windows: deque[float] = deque(maxlen=COMMIT_WINDOWS_KEPT)
+        # One line per change of state, then rate-limited: a flood fills the SD card.
+        self._log_state = StateLog(log)
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
 
     def stop(self) -> None:
         """Ask the agent to finish: sessions are cancelled, committed readings stay committed."""
         self._stop.set()
+
+    @property
+    def commit_windows(self) -> tuple[float, ...]:
+        """The latest commit windows in seconds (notification callback → commit returned)."""
+        return tuple(self._commit_windows)
 
     @property
     def stop_requested(self) -> bool:
@@ -84,14 +108,16 @@ class Agent:
                  self.cfg.hub.id, self.cfg.radio.kind, len(self.pairings))
         try:
             radio_cm = (contextlib.nullcontext(self._radio) if self._radio is not None
-                        else open_radio(self.cfg.radio))
+                        else open_radio(self.cfg.radio, self.cfg.hub.zone))
             async with radio_cm as radio, \
                     Outbox(self.cfg.outbox_path, self.cfg.outbox) as outbox:
                 self.outbox = outbox
-                self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self.status.as_dict)
+                self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self._status_dict)
+                self._report_recovery(outbox)
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self.uplink.run(), name="uplink")
+                        tg.create_task(self._watch_storage(), name="storage gate")
                         tg.create_task(self._scan(radio), name="scanner")
                         tg.create_task(self._dispatch(radio, tg), name="dispatch")
                         tg.create_task(self._housekeeping(outbox), name="housekeeping")
@@ -117,6 +143,12 @@ class Agent:
         entry.rssi = adv.rssi
         if address in self._active:
             return
+        signature = _signature(adv)
+        if address in self._adv_signature and self._adv_signature[address] != signature:
+            # Its advertisement changed (a record counter, a flag): it may have news, so the
+            # back-off after empty sessions ends.
+            self._idle_runs.pop(address, None)
+            self._cooldown_until.pop(address, None)
         if asyncio.get_running_loop().time() < self._cooldown_until.get(address, 0.0):
             return
         self._active.add(address)
@@ -131,6 +163,7 @@ class Agent:
                 async with radio.scanner(self._on_advertisement):
                     if self.status.radio != "ok":
                         log.info("Bluetooth radio scanning")
+                        self._log_state.clear("radio")
                     self.status.radio = "ok"
                     delay = SCAN_RETRY_MIN_S
                     await asyncio.Event().wait()
@@ -139,9 +172,10 @@ class Agent:
                 if isinstance(e, FileNotFoundError | ConnectionRefusedError):
                     reason = "cannot reach the D-Bus system bus (is dbus running?)"
                 self.status.radio = f"unavailable: {reason}"
-                log.error("Bluetooth radio unavailable (%s); %s; retrying in %.0f s",
-                          reason, ADVICE_RADIO, delay)
-                log.debug("radio failure", exc_info=True)
+                self._log_state.error(
+                    "radio", reason, "Bluetooth radio unavailable (%s); %s; retrying with back-off",
+                    reason, ADVICE_RADIO)
+                log.debug("radio failure; retrying in %.0f s", delay, exc_info=True)
                 self._refresh.set()
             await asyncio.sleep(delay)
             delay = min(delay * 2, SCAN_RETRY_MAX_S)
@@ -155,20 +189,33 @@ class Agent:
             if binding is None or driver is None:
                 self._active.discard(address)
                 continue
+            if await self._storage_blocked() is not None:
+                # Most devices forget a record once indicated: leave them their memory.
+                self._active.discard(address)
+                self._cooldown_until[address] = asyncio.get_running_loop().time() + STORAGE_CHECK_S
+                continue
+            self._adv_signature[address] = _signature(adv)
             tg.create_task(self._session(radio, device, binding, driver), name=f"session {address}")
 
     def _driver_for(self, device: BLEDevice, adv: AdvertisementData,
                     binding: DeviceBinding | None) -> Driver | None:
-        try:
-            if binding is not None and binding.driver:
-                return drivers.by_name(binding.driver)
-            found = drivers.match(device, adv)
-        except (KeyError, drivers.AmbiguousDriverError) as e:
-            log.error("%s: %s", device.address, e)
+        address = device.address.upper()
+        found = drivers.match_all(device, adv)
+        if binding is not None and binding.driver:
+            try:
+                pinned = drivers.by_name(binding.driver)
+            except KeyError as e:
+                self._log_state.error(f"driver {address}", "unknown", "%s: %s", address, e)
+                return None
+            # A pin chooses the driver, it does not hide the device's other profiles.
+            found = [pinned, *(d for d in found if d.name != pinned.name)]
+        if not found:
+            self._log_state.warning(
+                f"driver {address}", "none",
+                "%s is paired but no driver recognises its advertisement; it is not read", address)
             return None
-        if found is None:
-            log.warning("%s is paired but no driver recognises its advertisement", device.address)
-        return found
+        self._log_state.clear(f"driver {address}")
+        return found[0] if len(found) == 1 else drivers.combine(found)
 
     async def _session(self, radio: Radio, device: BLEDevice, binding: DeviceBinding,
                        driver: Driver) -> None:
@@ -177,13 +224,21 @@ class Agent:
         synced = self._clock_synced()
         self.status.hub_clock_synced = synced
         ctx = SessionContext(self.cfg.radio, zone_now=self._local_now, clock_trusted=lambda: synced,
-                             on_reject=self._rejected, known_info=self._known_info.get(address))
+                             on_reject=self._rejected, known_info=self._known_info.get(address),
+                             storage_blocked=self._storage_blocked,
+                             on_commit=self._commit_windows.append)
+        unattributed = 0
 
         async def handle(m: Measurement, c: SessionContext) -> None:
-            await self._commit(m, c, address, binding, driver, synced)
+            nonlocal unattributed
+            if not await self._commit(m, c, address, binding, driver, synced):
+                unattributed += 1
 
+        brought = False
+        failed = False
         try:
             stats = await run_session(radio, device, driver, self.cfg.radio, ctx, handle)
+            brought = stats.stored > 0
             entry.sessions_ok += 1
             entry.last_error = None
             entry.clock_offset_s = stats.clock.offset_s if stats.clock else None
@@ -194,54 +249,135 @@ class Agent:
             if entry.clock_offset_s is not None and abs(entry.clock_offset_s) > CLOCK_DRIFT_EVENT_S:
                 self._event("clock_drift", {"device": address, "offset_s": entry.clock_offset_s,
                                             "set": entry.clock_set})
-            log.info("%s: session done (%d stored, %d already had, %d undecodable)",
-                     address, stats.stored, stats.duplicates, stats.rejected)
+            self._log_state.clear(f"session {address}")
+            log.info("%s: session done (%d stored, %d already had, %d undecodable, %d unattributed)",
+                     address, stats.stored, stats.duplicates, stats.rejected, unattributed)
+        except StorageUnavailableError as e:
+            # Not the device's fault: it keeps its memory until the outbox can take it.
+            entry.last_error = f"deferred: {e}"
         except SessionError as e:
+            failed = True
             entry.sessions_failed += 1
             entry.last_error = str(e)
-            log.warning("%s", e)
+            if self._log_state.warning(f"session {address}", e.kind, "%s", e) and \
+                    isinstance(e, BondLostError):
+                self._event("bond_lost", {"device": address, "advice": e.advice})
         except OutboxError as e:
+            failed = True
             entry.sessions_failed += 1
             entry.last_error = f"storage: {e}"
-            log.error("%s: could not store a reading, session ended: %s", address, e)
+            self._log_state.error(f"session {address}", "storage",
+                                  "%s: could not store a reading; session ended, the device keeps "
+                                  "the rest: %s", address, e)
+            self._storage_block = None  # ask the outbox again at once
+            await self._storage_blocked()
         except Exception as e:
             # A driver bug must cost one session, never the agent. Its message may quote values
             # (a validation error does), so only the type above debug level.
+            failed = True
             entry.sessions_failed += 1
             entry.last_error = f"internal error: {type(e).__name__}"
-            log.error("%s: session failed on an internal error (%s); set log_level = \"debug\" "
-                      "for the traceback", address, type(e).__name__)
+            self._log_state.error(f"session {address}", f"internal {type(e).__name__}",
+                                  "%s: session failed on an internal error (%s); set log_level = "
+                                  "\"debug\" for the traceback", address, type(e).__name__)
             log.debug("session failure", exc_info=True)
         finally:
             entry.last_session = _now()
             self._active.discard(address)
-            self._cooldown_until[address] = asyncio.get_running_loop().time() + RECONNECT_COOLDOWN_S
+            self._cooldown_until[address] = (asyncio.get_running_loop().time()
+                                             + self._cooldown(address, brought=brought, failed=failed))
+            if unattributed:
+                self._event("unattributed_readings", {"device": address, "count": unattributed})
             self._refresh.set()
 
+    def _cooldown(self, address: str, *, brought: bool, failed: bool) -> float:
+        """Seconds before the next session: short after news, doubling after empty sessions."""
+        if brought:
+            self._idle_runs.pop(address, None)
+            return RECONNECT_COOLDOWN_S
+        runs = self._idle_runs[address] = self._idle_runs.get(address, 0) + 1
+        ceiling = FAILED_BACKOFF_MAX_S if failed else self.cfg.radio.idle_backoff_max_s
+        return float(min(ceiling, RECONNECT_COOLDOWN_S * 2.0 ** min(runs, 16)))
+
     async def _commit(self, m: Measurement, ctx: SessionContext, address: str,
-                      binding: DeviceBinding, driver: Driver, synced: bool) -> None:
+                      binding: DeviceBinding, driver: Driver, synced: bool) -> bool:
+        """Store one measurement; False when it is not the bound patient's (stored unattributed)."""
         assert self.outbox is not None
-        if not belongs_to(binding, m):
-            # Someone else's slot on a shared device: never filed under this patient.
-            self.status.other_user += 1
-            log.info("%s: reading from user slot %s ignored (bound to slot %s)",
-                     address, m.user_index, binding.user_index)
-            return
+        attributed = belongs_to(binding, m)
+        part = driver.part_for(m.characteristic) if isinstance(driver, CombinedDriver) else driver
         reading = build_reading(
             m, hub_id=self.cfg.hub.id, binding=binding, address=address, info=ctx.stats.info,
-            driver_name=driver.name, driver_version=driver.version, clock=ctx.stats.clock,
+            driver_name=part.name, driver_version=part.version, clock=ctx.stats.clock,
             received_at=dt.datetime.now(dt.UTC), zone=self.cfg.hub.zone, hub_clock_synced=synced,
+            connection=ctx.connection_id, occurrence=ctx.occurrence(m.characteristic, m.raw),
+            attributed=attributed,
         )
         result = await commit(self.outbox, reading, self.cfg.hub.zone)
         if result is PutResult.STORED:
             ctx.stats.stored += 1
-            self.status.stored += 1
-            self.status.device(address).readings += 1
+            if attributed:
+                self.status.stored += 1
+                self.status.device(address).readings += 1
+                if self.uplink is not None:
+                    self.uplink.reading_stored()
+            else:
+                # A guest or another slot on a shared device: kept, never filed under this patient.
+                self.status.unattributed += 1
         elif result is PutResult.DUPLICATE:
             ctx.stats.duplicates += 1
             self.status.duplicates += 1
         else:
-            self._event("storage_pressure", {"device": address, "when_full": self.cfg.outbox.when_full})
+            # The bound was reached mid-session: stop now, the device keeps the rest.
+            self._storage_block = None
+            raise StorageUnavailableError("outbox full (when_full = reject_new)")
+        return attributed
+
+    # -- storage gate ---------------------------------------------------------------------------
+
+    async def _storage_blocked(self) -> str | None:
+        """Why no device may be read now (None: the outbox can take readings); cheap."""
+        if self.outbox is None:
+            return "outbox not open"
+        try:
+            reason = await self.outbox.accepting()
+        except OutboxError as e:
+            reason = f"storage failing: {e}"
+        if reason != self._storage_block or not self._storage_checked:
+            changed = self._storage_checked or reason is not None
+            self._storage_checked = True
+            self._storage_block = reason
+            self.status.storage = reason or "ok"
+            if changed:
+                if reason is None:
+                    log.warning("storage: the outbox can take readings again; devices are read")
+                else:
+                    log.error("storage: %s; devices are not read until it is fixed (they keep "
+                              "their readings)", reason)
+                self._event("storage_pressure", {"state": "ok" if reason is None else "blocked",
+                                                 "reason": reason})
+                self._refresh.set()
+        return reason
+
+    async def _watch_storage(self) -> None:
+        while True:
+            await self._storage_blocked()
+            await asyncio.sleep(STORAGE_CHECK_S)
+
+    def _report_recovery(self, outbox: Outbox) -> None:
+        report = outbox.recovery
+        if report is None:
+            return
+        detail: dict[str, object] = {"kind": report.kind, "salvaged": report.salvaged, "lost": report.lost,
+                  "moved_to": str(report.moved_to) if report.moved_to else None}
+        self.status.outbox_recovery = detail
+        self._event("outbox_recovered", detail)
+
+    def _status_dict(self) -> dict[str, object]:
+        doc = self.status.as_dict()
+        windows = list(self._commit_windows)
+        if windows:
+            doc["commit_window_ms"] = _window_summary(windows)
+        return doc
 
     def _rejected(self, characteristic: str, raw: bytes, reason: str) -> None:
         self.status.decode_errors += 1
@@ -279,6 +415,19 @@ class Agent:
                 async with asyncio.timeout(HOUSEKEEPING_INTERVAL_S):
                     await self._refresh.wait()
             self._refresh.clear()
+
+def _signature(adv: AdvertisementData) -> object:
+    """What in an advertisement can announce news (vendor record counters, service data)."""
+    return (tuple(sorted(adv.manufacturer_data.items())), tuple(sorted(adv.service_data.items())))
+
+
+def _window_summary(windows: list[float]) -> dict[str, float]:
+    """p50 / p99 / max of commit windows in milliseconds."""
+    ms = sorted(w * 1000.0 for w in windows)
+    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+    return {"n": len(ms), "p50": round(statistics.median(ms), 3), "p99": round(p99, 3),
+            "max": round(ms[-1], 3)}
+
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

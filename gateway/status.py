@@ -35,12 +35,16 @@ class HubStatus:
     stored: int = 0
     duplicates: int = 0
     decode_errors: int = 0
-    other_user: int = 0
+    unattributed: int = 0  # readings of another user slot or "unknown user": kept, never published
     unknown_seen: set[str] = field(default_factory=set)
     # The outbox's own persisted counters (OutboxStats), refreshed after every session.
     outbox: dict[str, object] = field(default_factory=dict)
     hub_clock_synced: bool = False
     radio: str = "starting"
+    # "ok", or why no device is read now (disk nearly full, store failing, bound reached).
+    storage: str = "starting"
+    # What the outbox found at start-up when its file was damaged or empty, if anything.
+    outbox_recovery: dict[str, object] | None = None
 
     def device(self, address: str) -> DeviceStatus:
         """The entry for a paired device, created on first use."""
@@ -65,7 +69,9 @@ class HubStatus:
             "readings_stored": self.stored,
             "duplicates_ignored": self.duplicates,
             "decode_errors": self.decode_errors,
-            "other_user_slot_ignored": self.other_user,
+            "unattributed_readings": self.unattributed,
+            "storage": self.storage,
+            "outbox_recovery": self.outbox_recovery,
             "unknown_devices_seen": len(self.unknown_seen),
             "outbox": self.outbox,
             "devices": {a: vars(d) for a, d in sorted(self.devices.items())},

@@ -20,23 +20,13 @@ from tenacity import (
 )
 
 from drivers.base import ClockCheck, DeviceInfo, Driver, Measurement
-from drivers.standard_profile import needs_pairing
+from gateway.ble.errors import SessionDeadlineError, SessionError, classify
 from gateway.ble.radio import Radio
 from gateway.config import RadioConfig
 
+__all__ = ["MeasurementHandler", "SessionContext", "SessionError", "SessionStats", "run_session"]
+
 log = logging.getLogger(__name__)
-
-# Advice a field technician can act on, after bleak-retry-connector's strings.
-ADVICE_CONNECT = (
-    "check the device is on and within a few metres of the hub; on a Raspberry Pi, "
-    "interference from the onboard Wi-Fi is common (a USB Bluetooth adapter helps)"
-)
-ADVICE_BOND = "the device may have lost its bond: put it in pairing mode and pair it again"
-ADVICE_WEDGED = "the Bluetooth stack stopped answering; it will be retried on the next advertisement"
-
-
-class SessionError(Exception):
-    """A session that ended without finishing; the message says what to do."""
 
 
 @dataclass
@@ -58,8 +48,16 @@ class SessionContext:
 
     def __init__(self, cfg: RadioConfig, *, zone_now: Callable[[], dt.datetime],
                  clock_trusted: Callable[[], bool], on_reject: Callable[[str, bytes, str], None],
-                 known_info: DeviceInfo | None = None) -> None:
+                 known_info: DeviceInfo | None = None,
+                 storage_blocked: Callable[[], Awaitable[str | None]] | None = None,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self.link_lost = asyncio.Event()
+        # Identifies this connection for readings that carry no time stamp or sequence
+        # (timebase.reading_id); set when the link comes up.
+        self.connection_id = ""
+        self._occurrences: dict[tuple[str, bytes], int] = {}
+        self._storage_blocked = storage_blocked
+        self._on_commit = on_commit
         self.known_info = known_info
         self.op_timeout_s = cfg.operation_timeout_s
         self.quiet_s = cfg.quiet_s
@@ -92,6 +90,22 @@ class SessionContext:
         """Hub local wall-clock time, naive, as devices show it."""
         return self._zone_now()
 
+    async def storage_blocked(self) -> str | None:
+        """Why readings cannot be stored now, or None."""
+        return None if self._storage_blocked is None else await self._storage_blocked()
+
+    def committed(self, window_s: float) -> None:
+        """Report one commit window (notification callback to commit returned)."""
+        if self._on_commit is not None:
+            self._on_commit(window_s)
+
+    def occurrence(self, characteristic: str, raw: bytes) -> int:
+        """How many identical values came before this one on this connection (0 for the first)."""
+        key = (characteristic, raw)
+        n = self._occurrences.get(key, 0)
+        self._occurrences[key] = n + 1
+        return n
+
 
 async def run_session(
     radio: Radio,
@@ -106,9 +120,14 @@ async def run_session(
     async def sink(m: Measurement) -> None:
         await handle(m, ctx)
 
+    address = device.address.upper()
+    connected = False
+    deadline = asyncio.timeout(cfg.session_timeout_s)
     try:
-        async with asyncio.timeout(cfg.session_timeout_s):
+        async with deadline:
             client = await _connect(radio, device, cfg, ctx)
+            connected = True
+            ctx.connection_id = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
             try:
                 await driver.collect(client, sink, ctx)
             finally:
@@ -116,10 +135,11 @@ async def run_session(
                     async with asyncio.timeout(cfg.operation_timeout_s):
                         await client.disconnect()
     except TimeoutError as e:
-        raise SessionError(f"{device.address}: session deadline passed; {ADVICE_WEDGED}") from e
+        if deadline.expired():
+            raise SessionDeadlineError(address, "session deadline passed") from e
+        raise classify(address, e, connected=connected) from e
     except BleakError as e:
-        advice = ADVICE_BOND if needs_pairing(e) else ADVICE_CONNECT
-        raise SessionError(f"{device.address}: {e}; {advice}") from e
+        raise classify(address, e, connected=connected) from e
     return ctx.stats
 
 

@@ -241,7 +241,7 @@ async def test_shared_cuff_only_the_bound_user_slot_is_published(
         await radio.add_peripheral(cuff)
         async with running(config(tmp_path, mosquitto, cuff_slot=1), radio) as agent:
             await sub.wait_for(1, timeout=15)
-            await until(lambda: agent.status.other_user == 1)
+            await until(lambda: agent.status.unattributed == 1)
             await asyncio.sleep(0.3)
     assert [(r["user_index"], r["observations"][0]["value"]) for r in sub.payloads()] == [(1, 122.0)]
 

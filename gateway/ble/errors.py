@@ -1,0 +1,119 @@
+"""Why a device session failed, in a few named errors, each with advice a technician can act on.
+
+After bleak-retry-connector's taxonomy (field-lessons.md §2.2): a connection that never came up
+is range or power, an abort is interference, "in progress" is the adapter, a refused bond is
+pairing mode; only a session that outlived its hard deadline points at the Bluetooth stack.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+ADVICE_UNREACHABLE = (
+    "the device did not answer: check it is switched on, has a battery, and is within a few "
+    "metres of the hub"
+)
+ADVICE_ABORTED = (
+    "the connection was cut while being set up, usually radio interference or range; on a "
+    "Raspberry Pi the onboard Wi-Fi is a common cause (a USB Bluetooth adapter on an extension "
+    "cable helps)"
+)
+ADVICE_BUSY = "the Bluetooth adapter was busy with another operation; it is retried on the next advertisement"
+ADVICE_BOND = (
+    "the device refused the hub's bond (it may have been reset or re-paired elsewhere): put it "
+    "in pairing mode and pair it again"
+)
+ADVICE_STOPPED = "the device stopped answering mid-session (moved away, or switched itself off)"
+ADVICE_WEDGED = (
+    "the session outlived its deadline: the Bluetooth stack stopped answering; if this repeats, "
+    "check bluetoothd (systemctl status bluetooth)"
+)
+ADVICE_GATT = "the device rejected a request; if this repeats, check that the right driver is bound"
+
+
+class SessionError(Exception):
+    """A session that ended without finishing; `str()` says what happened and what to do."""
+
+    kind: ClassVar[str] = "failed"
+    advice: ClassVar[str] = ADVICE_GATT
+
+    def __init__(self, address: str, detail: str) -> None:
+        self.address = address
+        self.detail = detail
+        super().__init__(f"{address}: {detail}; {self.advice}")
+
+
+class DeviceUnreachableError(SessionError):
+    """No connection came up within the connect timeout, on every attempt."""
+
+    kind = "unreachable"
+    advice = ADVICE_UNREACHABLE
+
+
+class LinkAbortedError(SessionError):
+    """The link came up and was torn down during connection setup."""
+
+    kind = "aborted"
+    advice = ADVICE_ABORTED
+
+
+class AdapterBusyError(SessionError):
+    """The adapter refused because another operation is in progress."""
+
+    kind = "adapter_busy"
+    advice = ADVICE_BUSY
+
+
+class BondLostError(SessionError):
+    """Encryption with the stored bond, or pairing, was refused by the device."""
+
+    kind = "bond_lost"
+    advice = ADVICE_BOND
+
+
+class DeviceStoppedAnsweringError(SessionError):
+    """A GATT operation timed out after the connection was up."""
+
+    kind = "stopped_answering"
+    advice = ADVICE_STOPPED
+
+
+class SessionDeadlineError(SessionError):
+    """The whole session passed its hard deadline."""
+
+    kind = "deadline"
+    advice = ADVICE_WEDGED
+
+
+class GattError(SessionError):
+    """The device answered a request with an error."""
+
+    kind = "gatt_error"
+    advice = ADVICE_GATT
+
+
+_BOND_WORDS = ("authentication", "pin or key missing", "key missing", "not paired", "encryption")
+_BUSY_WORDS = ("inprogress", "in progress", "notready", "not ready", "busy")
+_ABORT_WORDS = (
+    "abort", "disconnected during", "not connected", "connection canceled", "connection cancelled",
+    "failed to discover services", "br-connection", "le-connection",
+)
+
+
+def classify(address: str, err: BaseException, *, connected: bool) -> SessionError:
+    """The named error for a BLE failure; `connected`: the link had come up before it."""
+    text = str(err).lower().replace("_", " ")
+    detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if isinstance(err, TimeoutError):
+        if connected:
+            return DeviceStoppedAnsweringError(address, "a request timed out")
+        return DeviceUnreachableError(address, "no connection within the connect timeout")
+    if any(w in text for w in _BOND_WORDS):
+        return BondLostError(address, detail)
+    if any(w in text for w in _BUSY_WORDS):
+        return AdapterBusyError(address, detail)
+    if any(w in text for w in _ABORT_WORDS):
+        return LinkAbortedError(address, detail)
+    if not connected:
+        return LinkAbortedError(address, detail)
+    return GattError(address, detail)
