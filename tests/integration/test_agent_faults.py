@@ -167,18 +167,17 @@ async def test_full_disk_no_device_is_drained_then_everything_arrives_when_space
     sub = await mqtt_subscriber(mosquitto, READINGS)
     with small_filesystem(tmp_path / "small", "8m") as data:
         cfg = config(data, mosquitto)
-        async with VirtualRadio() as radio:
-            async with running(cfg, radio) as agent:
-                await until(lambda: agent.status.storage == "ok")
-                filler = fill(data, 512 * 1024)  # below the 2 MiB floor
-                await until(lambda: agent.status.storage != "ok", timeout=10)
-                cuff = demo_cuff(CUFF, readings=3)
-                await radio.add_peripheral(cuff)
-                await asyncio.sleep(3)
-                assert cuff.connection_count == 0  # never drained while nothing can be stored
-                assert cuff.unsent == 3
-                filler.unlink()
-                await sub.wait_for(3, timeout=20)
+        async with VirtualRadio() as radio, running(cfg, radio) as agent:
+            await until(lambda: agent.status.storage == "ok")
+            filler = fill(data, 512 * 1024)  # below the 2 MiB floor
+            await until(lambda: agent.status.storage != "ok", timeout=10)
+            cuff = demo_cuff(CUFF, readings=3)
+            await radio.add_peripheral(cuff)
+            await asyncio.sleep(3)
+            assert cuff.connection_count == 0  # never drained while nothing can be stored
+            assert cuff.unsent == 3
+            filler.unlink()
+            await sub.wait_for(3, timeout=20)
     assert cuff.unsent == 0
     states = [p["detail"]["state"] for p in events.payloads() if p["event"] == "storage_pressure"]
     assert states[-2:] == ["blocked", "ok"]
