@@ -403,6 +403,7 @@ class Outbox:
 
     def _open_sync(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = None
+        self.recovery = None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             empty = self._empty_file()
@@ -474,11 +475,8 @@ class Outbox:
             if problem is None:
                 return conn, None, ""
             conn.close()
-        return self._connect_after_moving_aside(), self._moved_to, problem
-
-    def _connect_after_moving_aside(self) -> sqlite3.Connection:
-        self._moved_to = self._move_aside()
-        return self._connect()
+        aside = self._move_aside()
+        return self._connect(), aside, problem
 
     def _salvage(self, conn: sqlite3.Connection, aside: Path, problem: str) -> None:
         wal_damaged = problem.startswith("WAL") or problem.startswith("the WAL")

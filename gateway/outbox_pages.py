@@ -479,16 +479,20 @@ def wal_damage_of(data: bytes | mmap.mmap) -> str | None:
     frame_len = _FRAME_HEADER + page_size
     count = (len(data) - _WAL_HEADER) // frame_len
     first_bad: int | None = None
+    previous = (s0, s1)  # the checksum a frame's own checksum continues from
     for i in range(count):
         off = _WAL_HEADER + i * frame_len
         frame = memoryview(data)[off : off + frame_len]
         ours = bytes(frame[8:16]) == salts
-        if first_bad is None:
-            stored = struct.unpack(">II", frame[16:24])
-            s0, s1 = _wal_checksum(frame[:8], s0, s1, big)
-            s0, s1 = _wal_checksum(frame[_FRAME_HEADER:], s0, s1, big)
-            if not ours or (s0, s1) != stored:
-                first_bad = i
-        elif ours:
-            return f"WAL frame {first_bad + 1} of {count} is damaged; later frames would be skipped"
+        stored = struct.unpack(">II", frame[16:24])
+        c0, c1 = _wal_checksum(frame[:8], *previous, big)
+        valid = ours and _wal_checksum(frame[_FRAME_HEADER:], c0, c1, big) == stored
+        if first_bad is None and not valid:
+            first_bad = i
+        elif first_bad is not None and valid and int.from_bytes(frame[4:8], "big") != 0:
+            # An intact commit of this generation after a damaged frame: SQLite stops at the
+            # damage and would drop it. (Uncommitted frames written out of order before a
+            # power cut are not damage: SQLite drops them rightly.)
+            return f"WAL frame {first_bad + 1} of {count} is damaged; later commits would be lost"
+        previous = stored
     return None
