@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import heapq
 import json
 import logging
 import time
@@ -30,30 +29,32 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aiomqtt
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttConfig
 from gateway.outbox import Outbox, OutboxError, Pending
-from gateway.uplink_client import AckingClient, publish_packet_size
-from gateway.uplink_codes import AUTH_REFUSED, UNSUPPORTED_PROTOCOL, code_of, describe, is_transient
+from gateway.uplink_client import AckingClient, open_client, publish_packet_size
+from gateway.uplink_codes import describe, is_transient
 from gateway.uplink_credentials import load_credentials
 from gateway.uplink_errors import (
     AuthRefusedError,
     ConnectError,
     ConnectionLostError,
     CredentialsUnreadableError,
+    ProtocolRefusedError,
     PublishRejectedError,
     PublishTimeoutError,
     UplinkError,
 )
 from gateway.uplink_health import SLOW_STATES, BrokerHealth, BrokerState, backoff
+from gateway.uplink_quarantine import QuarantineBook
 
 __all__ = [
     "AuthRefusedError",
     "ConnectError",
     "ConnectionLostError",
     "CredentialsUnreadableError",
+    "ProtocolRefusedError",
     "PublishRejectedError",
     "PublishTimeoutError",
     "Uplink",
@@ -70,9 +71,6 @@ EVENT_QUEUE_SIZE = 200
 # A stored reading may cut a reconnect wait short, but at most this often: a device replaying
 # its memory must not turn the backoff into a tight loop against a dead broker.
 EARLY_RETRY_MIN_INTERVAL_S = 5.0
-# Quarantined readings are logged one at WARNING, then at most one line this often.
-QUARANTINE_LOG_S = 60.0
-_RESCAN_MARGIN_S = 0.5
 # Time allowed to say "offline" and disconnect cleanly when the agent shuts down.
 _GOODBYE_TIMEOUT_S = 2.0
 # Said once, when 3.1.1 is in use: it is why MQTT 5 is the default.
@@ -144,13 +142,7 @@ class Uplink:
         self._published = 0
         self._acked_count = 0
         self._rejected = 0
-        self._quarantined = 0
-        self._quarantined_logged = 0
-        self._quarantine_logged_at = -QUARANTINE_LOG_S
-        # Heap of monotonic times at which quarantined readings are due. Never empty: one sweep
-        # per quarantine_retry_s also finds rows quarantined before the agent (re)started.
-        self._due: list[float] = [time.monotonic() + cfg.quarantine_retry_s]
-        self._due_changed = asyncio.Event()
+        self._quarantine = QuarantineBook(cfg.quarantine_retry_s, log)
         self._reconnects = 0
         self._connects = 0
         self._connected_at = 0.0
@@ -170,7 +162,7 @@ class Uplink:
             rejected=self._rejected,
             reconnects=self._reconnects,
             events_dropped=self._events_dropped,
-            quarantined=self._quarantined,
+            quarantined=self._quarantine.count,
         )
 
     @property
@@ -195,7 +187,7 @@ class Uplink:
             "since": self._health.since,
             "protocol": self.protocol,
             "last_error": self._health.last_error,
-            "quarantined": self._quarantined,
+            "quarantined": self._quarantine.count,
         }
 
     def topic(self, suffix: str) -> str:
@@ -318,58 +310,23 @@ class Uplink:
 
     async def _connect(self) -> AckingClient:
         password, tls = await asyncio.to_thread(load_credentials, self._cfg)
-        while True:
-            v311 = self._v5_refused
-            protocol = aiomqtt.ProtocolVersion.V311 if v311 else aiomqtt.ProtocolVersion.V5
-            client = AckingClient(
-                self._cfg.host,
-                self._cfg.port,
-                username=self._cfg.username,
-                password=password,
-                identifier=self._client_id,
-                protocol=protocol,
-                will=aiomqtt.Will(
-                    self.topic("status"),
-                    json.dumps({"state": "offline", "hub_id": self._hub_id}).encode(),
-                    qos=1,
-                    retain=True,
-                ),
-                keepalive=self._cfg.keepalive_s,
-                # Also bounds the wait for CONNACK and for the clean DISCONNECT.
-                timeout=self._cfg.publish_timeout_s,
-                tls_context=tls,
-                max_inflight_messages=self._cfg.inflight,
+        will = aiomqtt.Will(
+            self.topic("status"),
+            json.dumps({"state": "offline", "hub_id": self._hub_id}).encode(),
+            qos=1,
+            retain=True,
+        )
+        try:
+            return await open_client(
+                self._cfg, self._client_id, will, password, tls, v311=self._v5_refused
             )
-            # aiomqtt warns above this many pending calls; our window is the in-flight limit
-            # plus a status and an event publish.
-            client.pending_calls_threshold = self._cfg.inflight + 2
-            try:
-                await client.__aenter__()
-            except MqttConnectError as e:
-                code = code_of(e.rc)
-                if not v311 and code in UNSUPPORTED_PROTOCOL and self._cfg.protocol == "auto":
-                    # The one reason to leave MQTT 5: the broker said it does not speak it.
-                    self._v5_refused = True
-                    log.warning(_V311_BLIND, self._where, "the broker refuses MQTT 5")
-                    continue
-                if code in AUTH_REFUSED:
-                    raise AuthRefusedError(f"broker refused the credentials: {e}") from e
-                raise ConnectError(f"broker refused the connection: {e}") from e
-            except aiomqtt.MqttError as e:
-                # aiomqtt raises "from None"; the context tells a network error (OSError) from
-                # a connection that was accepted but never got a CONNACK (TimeoutError). That
-                # is a failed attempt like any other, never a reason to try MQTT 3.1.1: a frozen
-                # network or an overloaded broker would leave us on a protocol that cannot see
-                # refusals.
-                if isinstance(e.__context__, TimeoutError):
-                    hint = ""
-                    if not v311 and self._cfg.protocol == "auto":
-                        hint = ' (a broker that ignores MQTT 5 needs mqtt.protocol = "3.1.1")'
-                    raise ConnectError(
-                        f"no CONNACK within {self._cfg.publish_timeout_s}s{hint}"
-                    ) from e
-                raise ConnectError(f"cannot connect: {e}") from e
-            return client
+        except ProtocolRefusedError:
+            if self._v5_refused or self._cfg.protocol != "auto":
+                raise
+        # The one reason to leave MQTT 5: the broker's CONNACK said it does not speak it.
+        self._v5_refused = True
+        log.warning(_V311_BLIND, self._where, "the broker refuses MQTT 5")
+        return await open_client(self._cfg, self._client_id, will, password, tls, v311=True)
 
     async def _serve(self, client: AckingClient) -> None:
         await self._publish_status(client)
@@ -425,8 +382,8 @@ class Uplink:
         """Wait for a new reading, or for quarantined ones to be due: True for the latter."""
         # The cursor has moved past a quarantined reading; without this it would be offered
         # again only after the next reconnect, which a healthy connection may never need.
-        self._due_changed.clear()
-        delay = self._due[0] - time.monotonic()
+        self._quarantine.changed.clear()
+        delay = self._quarantine.due_in()
         if delay > 0:
             await self._wait_for_work(delay)
             return False
@@ -437,18 +394,14 @@ class Uplink:
         for _ in range(self._cfg.inflight):
             window.release()
         await self._flush_acked()
-        now = time.monotonic()
-        while self._due and self._due[0] <= now:
-            heapq.heappop(self._due)
-        if not self._due:
-            heapq.heappush(self._due, now + self._cfg.quarantine_retry_s)
+        self._quarantine.swept()
         return True
 
     async def _wait_for_work(self, timeout: float | None) -> None:
         # A new reading, or a reading quarantined meanwhile (its due time is the new deadline).
         waits = {
             asyncio.ensure_future(self._outbox.wait_for_pending()),
-            asyncio.ensure_future(self._due_changed.wait()),
+            asyncio.ensure_future(self._quarantine.changed.wait()),
         }
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -464,7 +417,7 @@ class Uplink:
                 # The broker would drop the connection on it, and it would block the queue for
                 # ever: set it aside without sending it.
                 size = publish_packet_size(topic, item.payload)
-                await self._quarantine(
+                await self._set_aside(
                     item, f"packet too large: {size} bytes, the broker takes at most "
                     f"{client.max_packet_size}"
                 )
@@ -482,31 +435,15 @@ class Uplink:
                     f"broker refused reading seq {item.seq} for now ({describe(rc)}); "
                     "it stays queued"
                 )
-            await self._quarantine(item, f"broker refused it: {describe(rc)}")
+            await self._set_aside(item, f"broker refused it: {describe(rc)}")
         finally:
             window.release()
 
-    async def _quarantine(self, item: Pending, reason: str) -> None:
+    async def _set_aside(self, item: Pending, reason: str) -> None:
         # Kept in the outbox with its reason and offered again every quarantine_retry_s; the
         # drain goes on behind it. No payload in the log or the event: it is patient data.
         await self._outbox.quarantine(item.seq, reason, self._cfg.quarantine_retry_s)
-        self._quarantined += 1
-        # The outbox keeps its own (wall) clock for when the row is due: a margin, so the
-        # rescan does not come a moment too early and miss it.
-        heapq.heappush(self._due, time.monotonic() + self._cfg.quarantine_retry_s + _RESCAN_MARGIN_S)
-        self._due_changed.set()
-        # An ACL that refuses the topic quarantines every reading: one line, then a count.
-        now = time.monotonic()
-        if now - self._quarantine_logged_at >= QUARANTINE_LOG_S:
-            more = self._quarantined - self._quarantined_logged - 1
-            log.warning(
-                "uplink: reading seq %d quarantined (%s); offered again in %.0fs%s",
-                item.seq, reason, self._cfg.quarantine_retry_s,
-                f" ({more} more quarantined since the last report)" if more else "",
-            )
-            self._quarantine_logged_at, self._quarantined_logged = now, self._quarantined
-        else:
-            log.debug("uplink: reading seq %d quarantined (%s)", item.seq, reason)
+        self._quarantine.record(item.seq, reason)
         await self.publish_event("reading_quarantined", {"seq": item.seq, "reason": reason})
         self.status_changed()
 

@@ -1,5 +1,6 @@
-"""aiomqtt's Client with what the uplink needs and aiomqtt does not give: PUBACK reason codes,
-the broker's Maximum Packet Size, and PUBACKs that paho would reject as malformed.
+"""One connection to the broker: aiomqtt's Client with what the uplink needs and aiomqtt does
+not give (PUBACK reason codes, the broker's Maximum Packet Size, PUBACKs that paho would reject
+as malformed), and a connect whose errors say what went wrong.
 
 aiomqtt 2.5.1's ``Client.publish(qos=1)`` does wait for paho's ``on_publish``, which paho calls on
 the PUBACK (not on the socket write), but it discards the PUBACK reason code: under MQTT 5 a
@@ -9,19 +10,28 @@ broker that refuses a message (0x87 not authorized, 0x97 quota exceeded, ...) st
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.uplink_errors import ConnectionLostError
+from gateway.config import MqttConfig
+from gateway.uplink_codes import AUTH_REFUSED, UNSUPPORTED_PROTOCOL, code_of
+from gateway.uplink_errors import (
+    AuthRefusedError,
+    ConnectError,
+    ConnectionLostError,
+    ProtocolRefusedError,
+)
 
 
 def _varint_len(n: int) -> int:
@@ -142,3 +152,53 @@ class AckingClient(aiomqtt.Client):
             return await fut
         finally:
             self._acks.pop(info.mid, None)
+
+
+async def open_client(
+    cfg: MqttConfig,
+    client_id: str,
+    will: aiomqtt.Will,
+    password: str | None,
+    tls: ssl.SSLContext | None,
+    *,
+    v311: bool,
+) -> AckingClient:
+    """Connect once (MQTT 5, or 3.1.1 if ``v311``); raises a ConnectError subclass saying why not."""
+    client = AckingClient(
+        cfg.host,
+        cfg.port,
+        username=cfg.username,
+        password=password,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V311 if v311 else aiomqtt.ProtocolVersion.V5,
+        will=will,
+        keepalive=cfg.keepalive_s,
+        # Also bounds the wait for CONNACK and for the clean DISCONNECT.
+        timeout=cfg.publish_timeout_s,
+        tls_context=tls,
+        max_inflight_messages=cfg.inflight,
+    )
+    # aiomqtt warns above this many pending calls; our window is the in-flight limit plus a
+    # status and an event publish.
+    client.pending_calls_threshold = cfg.inflight + 2
+    try:
+        await client.__aenter__()
+    except MqttConnectError as e:
+        code = code_of(e.rc)
+        if code in UNSUPPORTED_PROTOCOL:
+            raise ProtocolRefusedError(f"broker refused MQTT {'3.1.1' if v311 else '5'}: {e}") from e
+        if code in AUTH_REFUSED:
+            raise AuthRefusedError(f"broker refused the credentials: {e}") from e
+        raise ConnectError(f"broker refused the connection: {e}") from e
+    except aiomqtt.MqttError as e:
+        # aiomqtt raises "from None"; the context tells a network error (OSError) from a
+        # connection that was accepted but never got a CONNACK (TimeoutError). That is a failed
+        # attempt like any other, never a reason to try MQTT 3.1.1: a frozen network or an
+        # overloaded broker would leave us on a protocol that cannot see refusals.
+        if isinstance(e.__context__, TimeoutError):
+            hint = ""
+            if not v311 and cfg.protocol == "auto":
+                hint = ' (a broker that ignores MQTT 5 needs mqtt.protocol = "3.1.1")'
+            raise ConnectError(f"no CONNACK within {cfg.publish_timeout_s}s{hint}") from e
+        raise ConnectError(f"cannot connect: {e}") from e
+    return client

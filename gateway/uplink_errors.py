@@ -15,6 +15,10 @@ class AuthRefusedError(ConnectError):
     """The broker refused the credentials (bad user name or password, not authorized)."""
 
 
+class ProtocolRefusedError(ConnectError):
+    """The broker's CONNACK says it does not speak the MQTT version we asked for."""
+
+
 class CredentialsUnreadableError(ConnectError):
     """A password, CA, certificate or key file cannot be read or used; the message names it."""
 
