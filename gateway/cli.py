@@ -202,6 +202,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (sysexits codes)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:
+        # argparse's REMAINDER cannot start with an option ("simulate --devices ..."): the
+        # simulator parses its own arguments.
+        from gateway.sim.simulate_cli import main as simulate_main  # noqa: PLC0415
+
+        return simulate_main(argv[1:])
     args = _parser().parse_args(argv)
     handlers = {"decode": _cmd_decode, "run": _cmd_run, "demo": _cmd_demo, "config": _cmd_config,
                 "simulate": _cmd_simulate}

@@ -132,3 +132,14 @@ def test_a_taken_port_is_one_line_and_status_1(capsys: pytest.CaptureFixture[str
         assert main(["--devices", "scale", "--listen", f"127.0.0.1:{port}"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("rpm-gateway simulate:") and len(err.splitlines()) == 1
+
+
+def test_rpm_gateway_simulate_takes_options_without_a_separator() -> None:
+    # argparse's REMAINDER refused "simulate --devices ..." ("unrecognized arguments").
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "gateway.cli", "simulate", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "--devices" in p.stdout
