@@ -14,6 +14,8 @@ import pytest
 from gateway.broker import LocalBroker
 from gateway.outbox import Outbox, OutboxItem
 from gateway.uplink import Uplink
+from gateway.uplink_client import publish_packet_size
+from gateway.uplink_codes import is_transient
 from tests.conftest import make_item
 from tests.integration.test_uplink import (
     HUB,
@@ -150,3 +152,39 @@ async def test_readings_quarantined_before_a_restart_are_offered_again_on_a_live
         await sub.wait_for(1, timeout=5)
         assert uplink.counters.reconnects == 0
     assert reading_ids(sub) == ["r-000001"]
+
+
+async def test_the_packet_size_limit_is_counted_as_the_broker_counts_it(
+    broker_factory: Callable[..., Awaitable[LocalBroker]], outbox: Outbox, mqtt_subscriber: Subscribe
+) -> None:
+    # One reading exactly at the limit (sent, taken) and one a byte over (quarantined unsent):
+    # a size computed too small would get the connection dropped, too large would hold back a
+    # reading the broker would take.
+    broker = await broker_factory(extra_config=[f"max_packet_size {LIMIT}"])
+    sub = await mqtt_subscriber(broker, READINGS)
+    topic = f"rpm/{HUB}/readings"
+    for n, size in ((1, LIMIT), (2, LIMIT + 1)):
+        pad = size - publish_packet_size(topic, make_item(n).payload)
+        while publish_packet_size(topic, make_item(n, extra=b" " * pad).payload) > size:
+            pad -= 1  # the remaining-length field itself grew by a byte
+        item = make_item(n, extra=b" " * pad)
+        assert publish_packet_size(topic, item.payload) == size
+        await outbox.put(item)
+    uplink = Uplink(mqtt_cfg(broker.host, broker.port), HUB, outbox, status_provider)
+    async with running(uplink):
+        await sub.wait_for(1)
+        await eventually(lambda: uplink.counters.quarantined == 1, "the larger one held back")
+        await eventually(lambda: uplink.counters.acked == 1, "the one at the limit acked")
+        assert uplink.connected and uplink.counters.reconnects == 0
+    assert reading_ids(sub) == ["r-000001"]
+
+
+@pytest.mark.parametrize(
+    ("code", "transient"),
+    [(0x97, True), (0x91, True), (0x89, True), (0x87, False), (0x90, False), (0x95, False),
+     (0x99, False), (0x80, False), (0x83, False), (0x9F, False)],
+)  # fmt: skip
+def test_puback_refusals_are_classified(code: int, transient: bool) -> None:
+    # Quota and busy: retried soon. The rest, unknown codes included, are quarantined (kept,
+    # retried rarely) so they cannot block the queue.
+    assert is_transient(code) is transient
