@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # A BLE address as BlueZ prints it; simulated devices use the same form.
 ADDRESS_RE = re.compile(r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$")
+# Where `rpm-gateway simulate` serves the virtual radio's devices (development only).
+LINK_RE = re.compile(r"^tcp:[^:\s]+:[0-9]{1,5}$")
 # Topic levels and ids go into MQTT topics: no wildcards, separators or spaces.
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -128,7 +130,7 @@ class RadioConfig(_Section):
     simulated: tuple[SimulatedDeviceConfig, ...] = ()
     # Virtual radio only: None puts the simulated devices in this process; "tcp:HOST:PORT"
     # reaches devices run by `rpm-gateway simulate` in another process.
-    link: str | None = None
+    link: Annotated[str, Field(pattern=LINK_RE.pattern)] | None = None
 
 
 class DeviceBinding(_Section):

@@ -21,6 +21,7 @@ from pydantic_core import ErrorDetails
 from gateway.config import (
     ADDRESS_RE,
     ID_RE,
+    LINK_RE,
     GatewayConfig,
     HubConfig,
     MqttConfig,
@@ -47,6 +48,7 @@ def _field_pattern(model: type[BaseModel], name: str) -> str | None:
 _PATTERN_WORDS = {
     ADDRESS_RE.pattern: "must look like A4:C1:38:00:00:01",
     ID_RE.pattern: "only letters, digits, '.', '_' and '-', up to 64 characters",
+    LINK_RE.pattern: "must look like tcp:127.0.0.1:7000 (what `rpm-gateway simulate` prints)",
     _field_pattern(MqttConfig, "topic_prefix"):
         "only letters, digits, '.', '_', '-' and '/', up to 128 characters",
 }

@@ -425,3 +425,10 @@ def test_check_file_reports_files_even_when_other_keys_are_wrong(tmp_path: Path)
 def test_check_file_that_cannot_be_read(tmp_path: Path) -> None:
     assert check_file(tmp_path / "none.toml") == [
         Problem("error", "", f"cannot read {tmp_path / 'none.toml'}: no such file or directory")]
+
+
+def test_a_bad_simulate_link_is_explained() -> None:
+    problems = check_config_text('[hub]\nid = "h"\n[radio]\nkind = "virtual"\nlink = "127.0.0.1:7000"\n',
+                                 "t.toml")
+    assert [p.key for p in problems] == ["radio.link"]
+    assert "tcp:127.0.0.1:7000" in problems[0].message
