@@ -22,11 +22,12 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from faults.proxy import TcpProxy
 from gateway.broker import LocalBroker
 from gateway.config import MqttConfig, TlsConfig
 from gateway.outbox import Outbox
 from gateway.uplink import Uplink
-from tests.conftest import MqttSubscriber, TcpProxy, make_item
+from tests.conftest import MqttSubscriber, make_item
 
 pytestmark = pytest.mark.integration
 
