@@ -42,7 +42,7 @@ from typing import Literal, Self, TypeVar
 
 from gateway.config import OutboxConfig
 from gateway.outbox_pages import wal_damage
-from gateway.outbox_salvage import salvage_into
+from gateway.outbox_salvage import Salvage, salvage_into
 from gateway.outbox_schema import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,14 @@ def _translate(e: sqlite3.Error) -> StorageError:
 
 def _why(e: StorageError) -> str:
     return str(e.__cause__) if isinstance(e.__cause__, sqlite3.Error) else str(e)
+
+
+def _holds_frames(wal: Path) -> bool:
+    # A WAL header (32 bytes) and at least one frame (24-byte header + the smallest page).
+    try:
+        return wal.stat().st_size >= 32 + 24 + 512
+    except FileNotFoundError:
+        return False
 
 
 def _commit_delay_s() -> float:
@@ -406,8 +414,9 @@ class Outbox:
         self.recovery = None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._finish_interrupted_recovery()
             empty = self._empty_file()
-            conn, aside, problem = self._checked_connection()
+            conn = self._checked_connection()
             version = self._schema_version(conn)  # before WAL: a newer file is left untouched
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -422,9 +431,7 @@ class Outbox:
             # salvage of a damaged file brings fewer deleted rows back.
             conn.execute("PRAGMA secure_delete = FAST")
             self._migrate(conn, version)
-            if aside is not None:
-                self._salvage(conn, aside, problem)
-            elif empty:
+            if empty and self.recovery is None:
                 self.recovery = RecoveryReport("empty_file", None, 0, 0, "the file was empty")
                 log.error(
                     "outbox file %s was empty: readings it held before are gone; "
@@ -443,22 +450,27 @@ class Outbox:
             raise
 
     def _empty_file(self) -> bool:
-        # A zero-length file with no WAL is not a first start: whatever it held is gone. (A
-        # zero-length file with a WAL is normal: nothing was checkpointed into it yet.)
+        # A zero-length file without a WAL is not a first start: whatever it held is gone. (With
+        # a WAL that holds frames it is salvaged from the WAL: see _checked_connection.)
         try:
             if self._path.stat().st_size != 0:
                 return False
         except FileNotFoundError:
             return False
-        wal = self._path.with_name(self._path.name + "-wal")
-        return not wal.exists() or wal.stat().st_size == 0
+        return not _holds_frames(self._path.with_name(self._path.name + "-wal"))
 
-    def _checked_connection(self) -> tuple[sqlite3.Connection, Path | None, str]:
-        """A connection to a healthy file: a corrupt one is moved aside (returned) first."""
+    def _checked_connection(self) -> sqlite3.Connection:
+        """A connection to a healthy file: a corrupt one is first replaced by its salvage."""
         wal = self._path.with_name(self._path.name + "-wal")
         # Checked before SQLite sees it: SQLite silently ignores a damaged WAL's later commits,
-        # and the first write would overwrite them.
-        problem = wal_damage(wal) if self._path.exists() and wal.exists() else None
+        # and the first write would overwrite them. And it deletes the WAL of a zero-length
+        # file (taken for a crash before anything was written), which this outbox never leaves:
+        # switching a new file to WAL writes its first page.
+        problem = None
+        if self._path.exists() and _holds_frames(wal):
+            problem = wal_damage(wal)
+            if self._path.stat().st_size == 0:
+                problem = "the file was empty but its WAL holds commits"
         if problem is None:
             conn = self._connect()
             try:
@@ -473,27 +485,35 @@ class Outbox:
                     raise _translate(e) from e
                 problem = str(e)  # e.g. "file is not a database"
             if problem is None:
-                return conn, None, ""
+                return conn
             conn.close()
-        aside = self._move_aside()
-        return self._connect(), aside, problem
+        self._recover(problem)
+        return self._connect()
 
-    def _salvage(self, conn: sqlite3.Connection, aside: Path, problem: str) -> None:
-        wal_damaged = problem.startswith("WAL") or problem.startswith("the WAL")
+    def _salvage_path(self) -> Path:
+        return self._path.with_name(self._path.name + ".salvage")
+
+    def _recover(self, problem: str) -> None:
+        # Power-cut safe order: the salvaged outbox is complete on the disk (its own file, a
+        # rollback journal, committed and closed) before the damaged file is moved aside, and
+        # takes its place by a rename. A start in between finds the damaged file still in
+        # place (and salvages again) or only the salvaged one (and renames it in).
+        wal_damaged = problem.startswith(("WAL", "the WAL"))
+        new = self._salvage_path()
+        self._remove_db_files(new)
         try:
-            found = salvage_into(conn, aside, wal_damaged=wal_damaged)
+            found = self._build_salvaged(new, wal_damaged=wal_damaged)
             salvaged, lost = found.salvaged, found.lost
-            conn.execute("BEGIN IMMEDIATE")
-            self._bump(conn, "salvaged", salvaged)
-            self._bump(conn, "salvage_lost", lost)
-            conn.execute("COMMIT")
             detail = f"{problem}; salvaged {salvaged} reading(s) ({found.pending} pending), {lost} lost"
         except Exception as e:  # salvage must never stop the agent from starting
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._remove_db_files(new)
             salvaged, lost = 0, 0
-            detail = f"{problem}; salvage failed ({type(e).__name__})"
+            detail = f"{problem}; salvage failed ({type(e).__name__}: {e})"
             log.debug("outbox salvage failed", exc_info=True)
+        aside = self._move_aside()
+        if new.exists():
+            os.replace(new, self._path)
+        self._fsync_dir(self._path.parent)
         self.recovery = RecoveryReport("corrupt", aside, salvaged, lost, detail)
         # The agent must keep collecting readings; the old file is kept for manual recovery.
         log.error(
@@ -501,6 +521,44 @@ class Outbox:
             "could be read: %d reading(s) salvaged, %d lost",
             self._path, problem, aside, salvaged, lost,
         )  # fmt: skip
+
+    def _build_salvaged(self, new: Path, *, wal_damaged: bool) -> Salvage:
+        conn = sqlite3.connect(new, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = DELETE")  # one self-contained file once closed
+            conn.execute("PRAGMA synchronous = FULL")
+            self._migrate(conn, 0)
+            found = salvage_into(conn, self._path, wal_damaged=wal_damaged)
+            conn.execute("BEGIN IMMEDIATE")
+            self._bump(conn, "salvaged", found.salvaged)
+            self._bump(conn, "salvage_lost", found.lost)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return found
+
+    def _finish_interrupted_recovery(self) -> None:
+        new = self._salvage_path()
+        if not new.exists():
+            return
+        journal = new.with_name(new.name + "-journal")
+        if self._path.exists() or journal.exists():
+            # Not finished: the damaged file is still in place (it is salvaged again) or the
+            # salvaged one was never committed.
+            self._remove_db_files(new)
+            return
+        os.replace(new, self._path)
+        self._fsync_dir(self._path.parent)
+        self.recovery = RecoveryReport(
+            "corrupt", None, 0, 0, "finished a recovery interrupted by a restart"
+        )
+        log.error("outbox %s: finished a recovery interrupted by a restart (the damaged file "
+                  "was moved aside; salvaged rows are in the outbox)", self._path)  # fmt: skip
+
+    @staticmethod
+    def _remove_db_files(db: Path) -> None:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            db.with_name(db.name + suffix).unlink(missing_ok=True)
 
     def _move_aside(self) -> Path:
         stamp = self._clock().astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")

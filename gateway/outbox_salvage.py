@@ -51,7 +51,10 @@ def salvage_into(conn: sqlite3.Connection, damaged: Path, *, wal_damaged: bool) 
     had_wal = wal.exists()
     scanned = scan_files(damaged, wal if had_wal else None)
     try:
-        by_sqlite, counters = _read_with_sqlite(damaged, scanned.max_seq)
+        # SQLite deletes the WAL of a zero-length file (even read-only): the scanner alone.
+        by_sqlite, counters = (
+            _read_with_sqlite(damaged, scanned.max_seq) if damaged.stat().st_size else ({}, {})
+        )
     finally:
         # The read-only connection may have created an empty WAL and a wal-index: leave the
         # kept files as they were.

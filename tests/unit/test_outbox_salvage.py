@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gateway.outbox
 from gateway.config import OutboxConfig
 from gateway.outbox import Outbox, PutResult
 from gateway.outbox_pages import SQLITE_MAGIC, scan, wal_damage_of
@@ -179,16 +180,19 @@ async def test_zero_length_file_is_reported(
         assert ob.recovery is None
 
 
-async def test_zero_length_file_with_its_wal_is_healthy(tmp_path: Path) -> None:
-    # In WAL mode nothing may have been checkpointed into the file yet: that is not a loss.
+async def test_zero_length_file_with_a_wal_is_salvaged_from_the_wal(tmp_path: Path) -> None:
+    # SQLite itself would delete that WAL on open (it takes a zero-length file for one that
+    # crashed before writing anything) and start empty: every commit in the WAL would be gone.
     db = await _build(tmp_path, 10, crash=True)
     db.write_bytes(b"")
-    conn = sqlite3.connect(tmp_path / "live" / "o.db")
-    first_page_in_wal = conn.execute("PRAGMA page_count").fetchone()[0] > 0
-    conn.close()
+    wal = _snapshot(tmp_path)["o.db-wal"]
     async with Outbox(db, OutboxConfig()) as ob:
-        assert first_page_in_wal
-        assert ob.recovery is None or ob.recovery.kind == "corrupt"  # never "empty_file"
+        assert ob.recovery is not None and ob.recovery.kind == "corrupt"
+        assert "empty" in ob.recovery.detail
+        assert len(await ob.pending(100)) == 10 - DELIVERED
+        moved = ob.recovery.moved_to
+    assert moved is not None
+    assert moved.with_name(moved.name + "-wal").read_bytes() == wal  # kept, not deleted
 
 
 # --- the scanner on arbitrary bytes ---------------------------------------------------------
@@ -274,3 +278,51 @@ async def test_a_healthy_wal_after_a_crash_is_not_taken_for_damage(tmp_path: Pat
     async with Outbox(db, OutboxConfig()) as ob:
         assert ob.recovery is None
         assert len(await ob.pending(10_000)) == 600 - DELIVERED
+
+
+class _PowerCut(BaseException):
+    """The process stops here (nothing after it runs, no cleanup)."""
+
+
+async def test_a_recovery_cut_before_moving_the_file_is_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = await _build(tmp_path, 50, crash=False)
+    _damage("garbage-header", db)
+
+    def cut(self: Outbox) -> Path:
+        raise _PowerCut
+
+    with monkeypatch.context() as m:
+        m.setattr(Outbox, "_move_aside", cut)
+        with pytest.raises(_PowerCut):
+            await Outbox(db, OutboxConfig()).open()
+    assert db.exists() and db.with_name("o.db.salvage").exists()
+    async with Outbox(db, OutboxConfig()) as ob:
+        assert ob.recovery is not None and ob.recovery.salvaged == 50
+        assert len(await ob.pending(100)) == 50 - DELIVERED
+    assert not db.with_name("o.db.salvage").exists()
+    assert len([p for p in _snapshot(tmp_path) if ".corrupt-" in p]) == 1
+
+
+async def test_a_recovery_cut_after_moving_the_file_is_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = await _build(tmp_path, 50, crash=False)
+    _damage("garbage-header", db)
+    real_replace = os.replace
+
+    def cut(src: Path, dst: Path) -> None:
+        if str(src).endswith(".salvage"):
+            raise _PowerCut
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(gateway.outbox.os, "replace", cut)
+        with pytest.raises(_PowerCut):
+            await Outbox(db, OutboxConfig()).open()
+    assert not db.exists() and db.with_name("o.db.salvage").exists()
+    async with Outbox(db, OutboxConfig()) as ob:
+        assert ob.recovery is not None and ob.recovery.kind == "corrupt"
+        assert len(await ob.pending(100)) == 50 - DELIVERED
+        assert (await ob.stats()).salvaged == 50
