@@ -22,6 +22,7 @@ from faults.proxy import TcpProxy
 from gateway.broker import LocalBroker
 from gateway.outbox import Outbox
 from gateway.uplink import EARLY_RETRY_MIN_INTERVAL_S, Uplink
+from gateway.uplink_health import REMIND_S, BrokerHealth, BrokerState
 from tests.conftest import make_item
 from tests.integration.test_uplink import (
     HUB,
@@ -245,3 +246,24 @@ async def test_frozen_network_during_a_drain_loses_nothing(
 async def pending_zero(ob: Outbox) -> bool:
     """Whether nothing waits for a PUBACK."""
     return (await ob.stats()).pending == 0
+
+
+def test_a_lasting_outage_is_reminded_every_few_minutes_and_flapping_is_reported_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("gateway.uplink")
+    health = BrokerHealth("broker:1883", logger, remind_s=0.2)
+    assert REMIND_S >= 120.0  # "a few minutes" in production
+    with caplog.at_level(logging.DEBUG, logger="gateway.uplink"):
+        for _ in range(5):  # within one reminder period: one line, then debug
+            health.failed(BrokerState.UNREACHABLE, "connection refused", 1.0)
+        time.sleep(0.25)
+        health.failed(BrokerState.UNREACHABLE, "connection refused", 1.0)  # the reminder
+        warnings = [r.getMessage() for r in uplink_records(caplog, logging.WARNING)]
+        assert len(warnings) == 2 and "still unreachable, 5 failed attempts" in warnings[1]
+        caplog.clear()
+        for _ in range(5):  # dropped right after every CONNACK
+            health.connected("5", tls=False)
+            health.lost("broker refused reading seq 1 for now (0x97 Quota exceeded)", 1.0, stable=False)
+        assert len(uplink_records(caplog, logging.WARNING)) == 1
+        assert len(uplink_records(caplog, logging.INFO)) == 2  # the first connect, and the next
