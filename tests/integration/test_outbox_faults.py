@@ -42,8 +42,12 @@ asyncio.run(main())
 """
 
 
-async def _run_and_kill(db: Path, start: int, kill_after: int) -> list[str]:
+async def _run_and_kill(
+    db: Path, start: int, kill_after: int, *, commit_delay_ms: int = 0
+) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if commit_delay_ms:
+        env["RPM_GATEWAY_FAULT_COMMIT_DELAY_MS"] = str(commit_delay_ms)  # a slow SD card
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CHILD, str(db), str(start),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env,
@@ -83,6 +87,26 @@ async def test_sigkill_mid_stream_loses_no_committed_reading(tmp_path: Path) -> 
         ordered = [r for r in stored if r in set(promised)]
         assert ordered == promised  # seq order is put order
     assert len(promised) >= 40 + 113 + 257
+
+
+async def test_sigkill_with_a_slow_disk_loses_no_committed_reading(tmp_path: Path) -> None:
+    # With a 40 ms commit most kills land inside a commit: what was promised is still there,
+    # and the reading whose commit was cut is either fully stored or not at all.
+    db = tmp_path / "outbox.db"
+    promised: list[str] = []
+    start = 0
+    for kill_after in (7, 19):
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        printed = await _run_and_kill(db, start, kill_after, commit_delay_ms=40)
+        assert loop.time() - began >= kill_after * 0.04  # the delay reached the child
+        promised += printed
+        start += len(printed) + 1
+        async with Outbox(db, OutboxConfig()) as ob:
+            assert ob.recovery is None
+            stored = [p.reading_id for p in await ob.pending(100_000)]
+        assert set(promised) <= set(stored)
+        assert len(stored) - len(promised) <= 2  # at most the cut commit of each kill
 
 
 @contextlib.contextmanager
