@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from faults.proxy import free_port
+from faults.proxy import hold_port
 from gateway.broker import find_mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,9 @@ class Mosquitto:
         self._exe = exe
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        # Held for the broker's whole life, so a restart after kill -9 finds its port free.
+        self._hold = hold_port()
+        self.port = int(self._hold.getsockname()[1])
         self.extra = list(extra)
         self.users = dict(users or {})
         self.acl = acl
@@ -130,6 +132,10 @@ class Mosquitto:
         if self._proc is not None:
             await _terminate(self._proc)
         self._proc = None
+
+    def release(self) -> None:
+        """Give the port back (the broker is not started again)."""
+        self._hold.close()
 
 
 class AgentProc:

@@ -6,11 +6,17 @@ import asyncio
 import socket
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def hold_port() -> socket.socket:
+    """A loopback TCP port held for a server that comes and goes: bound, never listening.
+
+    While held, connections to it are refused (RST) and no outgoing connection is given it as its
+    ephemeral port; a server with SO_REUSEADDR (asyncio's, mosquitto's) can still bind and listen
+    on it. Without the hold, a port released during an outage can be taken by another socket.
+    """
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 class TcpProxy:
@@ -18,7 +24,8 @@ class TcpProxy:
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.host = "127.0.0.1"
-        self.port = free_port()
+        self._hold = hold_port()
+        self.port = int(self._hold.getsockname()[1])
         self._target = (target_host, target_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -82,6 +89,7 @@ class TcpProxy:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._hold.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._flowing.wait()

@@ -128,7 +128,9 @@ class Rig:
         # simulate takes 3 readings per device unless told otherwise; a row says how many.
         self.sim_args = list(sim_args) if "--readings" in sim_args else [*sim_args, "--readings", "0"]
         self.commit_delay_ms = commit_delay_ms
-        self.window_s = commit_delay_ms / 1000 + WINDOW_MARGIN_S
+        # A reading confirmed just after a commit began waits for that commit, then its own
+        # (all queued readings in one transaction): two commit delays at most, plus the margin.
+        self.window_s = 2 * commit_delay_ms / 1000 + WINDOW_MARGIN_S
         self.cuff_slot = cuff_slot
         self.bindings = list(bindings) if bindings is not None else default_bindings(cuff_slot)
         self._mqtt = {"reconnect_min_s": 0.2, "reconnect_max_s": 2.0, "keepalive_s": 10,
@@ -177,6 +179,7 @@ class Rig:
         await self.collector.close()
         await self.proxy.close()
         await self.broker.stop()
+        self.broker.release()
 
     def config_sections(self, link: str) -> dict[str, dict[str, object]]:
         """The agent's config as tables (a row may change them and write_config again)."""

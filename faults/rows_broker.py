@@ -81,7 +81,7 @@ async def frozen_network(ctx: Ctx, *, during_drain: bool) -> Row:
     """The proxy stops forwarding without closing (during a drain, or while idle), then thaws."""
     name = "network-frozen-drain" if during_drain else "network-frozen-idle"
     stored = ctx.pick(100, 400, 1000) if during_drain else 0
-    readings, interval = 20, 0.6
+    readings, interval = ctx.pick(8, 20, 40), 0.6
     sim = ["--devices", "scale,cuff", "--stored", str(stored), "--readings", str(readings),
            "--interval", str(interval)]
     keepalive, publish_timeout = 5, 3.0

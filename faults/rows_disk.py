@@ -90,8 +90,8 @@ async def disk_fills(ctx: Ctx) -> Row:
     trials = ctx.pick(1, 2, 4)
     # Sessions end between readings (quiet_s 0.5), so the disk fills between sessions, as it does
     # when another process fills the card; a reading arriving then must stay in the device.
-    interval = 2.0
-    readings = trials * 6 + 6
+    interval = ctx.pick_s(1.5, 2.0, 2.0)
+    readings = trials * ctx.pick(4, 5, 5) + ctx.pick(1, 6, 6)
     total = 2 * readings
     sim = ["--devices", "scale,cuff", "--readings", str(readings), "--interval", str(interval)]
     mnt = ctx.workdir / name / "fs"
@@ -108,7 +108,7 @@ async def disk_fills(ctx: Ctx) -> Row:
                 await rig.wait_for(lambda: False, 0.8)
                 t0 = time.time()
                 filler = fill(mnt)
-                await rig.wait_for(lambda: False, ctx.pick_s(4.0, 6.0, 10.0))
+                await rig.wait_for(lambda: False, ctx.pick_s(3.0, 6.0, 10.0))
                 t1 = time.time()
                 filler.unlink()
                 notes.append(f"full #{i + 1}: {_sessions_between(rig, t0, t1)} session(s), "

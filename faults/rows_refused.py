@@ -42,7 +42,7 @@ def delivered_marks(db: Path) -> int:
 async def refused(ctx: Ctx) -> Row:
     """MQTT 5 broker refuses every reading (ACL); none may be marked delivered; all go once allowed."""
     name = "broker-refuses-readings-acl"
-    readings, interval = ctx.pick(6, 15, 30), 0.4
+    readings, interval = ctx.pick(4, 15, 30), 0.4
     sim = ["--devices", "scale,cuff", "--stored", "5", "--readings", str(readings),
            "--interval", str(interval)]
     total = 2 * (5 + readings)
@@ -54,7 +54,7 @@ async def refused(ctx: Ctx) -> Row:
         await rig.agent.start()
         # Refused for the whole stream: every reading produced meets the refusal at least once.
         await rig.wait_for(lambda: len(rig.ledger().records) >= total, readings * interval + 60)
-        await rig.wait_for(lambda: False, 4.0)
+        await rig.wait_for(lambda: False, ctx.pick_s(2.0, 4.0, 4.0))
         marked = delivered_marks(rig.outbox_db)
         refused_published = len(rig.collector.readings())
         # Now the broker allows readings: each refused one must still be there to be delivered.

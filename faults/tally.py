@@ -195,9 +195,10 @@ def tally(ledger: Ledger, readings: list[Message], expect: Expect, patients: set
         t.redelivered_same_id += len(got_ids) - distinct
         # Byte-identical frames cannot be told apart: up to one id per produced copy is fine.
         t.new_id_or_wrong_patient += max(0, distinct - len(groups[key]))
-    stuck = 0
+    stuck = not_for_patient = 0
     for key, group in groups.items():
         if expect(group[0]) is None:
+            not_for_patient += len(group)
             continue
         if key in ids:
             t.delivered += len(group)
@@ -216,6 +217,8 @@ def tally(ledger: Ledger, readings: list[Message], expect: Expect, patients: set
     if bad_time:
         t.violations += bad_time
         t.notes.append(f"{bad_time} reading(s) dated before 2010 or in the future")
+    if not_for_patient:
+        t.notes.append(f"{not_for_patient} produced frame(s) for no patient (garbage, other slot)")
     if stuck:
         t.notes.append(f"{stuck} still pending in the outbox at the end")
     if check_order:
