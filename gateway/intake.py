@@ -99,7 +99,8 @@ def outbox_item(r: Reading, zone: ZoneInfo) -> OutboxItem:
 
 async def commit(outbox: Outbox, r: Reading, zone: ZoneInfo) -> PutResult:
     """Store a reading durably; returns only after the commit reached the disk."""
-    result = await outbox.put(outbox_item(r, zone))
+    # The stack confirmed the indication already: the device may have forgotten it.
+    result = await outbox.put(outbox_item(r, zone), confirmed=True)
     if result is PutResult.STORED and not r.patient_id:
         log.info("reading %s stored as unattributed (%s from %s)", r.reading_id, r.kind,
                  r.device.address)

@@ -77,6 +77,8 @@ _WAL_CEILING = 1 * _MIB
 _BUSY_TIMEOUT_MS = 5_000
 _PROBE_INTERVAL_S = 1.0  # at most one write probe per second while the store is failing
 _TOPIC_FORBIDDEN = frozenset("+#\x00")
+# Host parameters per IN (...) query: well under SQLite's limit (32766 since 3.32; 999 before).
+_IN_CHUNK = 500
 _CHECKSUM_REASON = "checksum mismatch"
 # Only these mean the file itself is damaged; every other error (locked, I/O, full) leaves it be.
 _CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
@@ -234,6 +236,8 @@ class Outbox:
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stored = asyncio.Event()
+        self._put_queue: list[tuple[OutboxItem, bool, asyncio.Future[PutResult]]] = []
+        self._put_flusher: asyncio.Task[None] | None = None
         self._commit_delay_s = _commit_delay_s()
         self._backlog = 0  # attributed undelivered rows (incl. quarantined): the size bound's count
         self._failing: str | None = None  # the last write's storage error, until one succeeds
@@ -271,6 +275,9 @@ class Outbox:
 
     async def close(self) -> None:
         """Close the database; waits for the operation in progress to finish."""
+        if self._put_flusher is not None:
+            # Readings handed over before close() are committed before the connection goes.
+            await asyncio.shield(self._put_flusher)
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -279,14 +286,43 @@ class Outbox:
             await asyncio.get_running_loop().run_in_executor(executor, conn.close)
         executor.shutdown(wait=True)
 
-    async def put(self, item: OutboxItem) -> PutResult:
-        """Store a reading durably; returns only after the COMMIT has reached the disk."""
+    async def put(self, item: OutboxItem, *, confirmed: bool = False) -> PutResult:
+        """Store a reading durably; returns only after the COMMIT has reached the disk.
+
+        Puts that arrive while a commit is in progress are committed together in the next
+        transaction (group commit): one fsync for all of them, so a burst of indications does
+        not queue behind one fsync each. `confirmed`: the device has already let go of the
+        reading (an indication the stack confirmed), so it is stored even past `max_pending`;
+        refusing it would lose it. The bound then stops the next session (accepting()).
+        If the caller is cancelled, the reading may or may not be stored: a retried put
+        returns STORED or DUPLICATE, both safe.
+        """
         if not item.reading_id or not item.topic or _TOPIC_FORBIDDEN & set(item.topic):
             raise ValueError("reading_id and a topic suffix without MQTT wildcards are required")
-        result = await self._write(self._put_sync, item)
-        if result is PutResult.STORED and item.patient_id is not None:
-            self._stored.set()
-        return result
+        if self._conn is None:
+            raise OutboxClosedError("outbox is not open")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[PutResult] = loop.create_future()
+        self._put_queue.append((item, confirmed, done))
+        if self._put_flusher is None or self._put_flusher.done():
+            self._put_flusher = loop.create_task(self._flush_puts(), name="outbox commit")
+        return await asyncio.shield(done)
+
+    async def _flush_puts(self) -> None:
+        while self._put_queue:
+            batch, self._put_queue = self._put_queue, []
+            try:
+                results = await self._write(self._put_many_sync, [(i, c) for i, c, _ in batch])
+            except Exception as e:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            for (item, _, done), result in zip(batch, results, strict=True):
+                if result is PutResult.STORED and item.patient_id is not None:
+                    self._stored.set()
+                if not done.done():
+                    done.set_result(result)
 
     async def pending(self, limit: int, after_seq: int = 0) -> list[Pending]:
         """Up to ``limit`` publishable readings with seq > ``after_seq``, in seq order.
@@ -609,62 +645,70 @@ class Outbox:
                 raise
             log.info("outbox %s: schema migrated to version %d", self._path, version)
 
-    def _put_sync(self, conn: sqlite3.Connection, item: OutboxItem) -> PutResult:
-        now = self._clock()
-        checksum = _checksum(item.payload)
+    def _put_many_sync(
+        self, conn: sqlite3.Connection, items: list[tuple[OutboxItem, bool]]
+    ) -> list[PutResult]:
+        """One transaction, one fsync, for a batch of readings (in order).
+
+        Few SQLite calls per batch, not a few per reading: every call gives up the GIL, and
+        while the event loop is busy with the radio each hand-back can cost milliseconds.
+        """
+        now = _iso(self._clock())
         conn.execute("BEGIN IMMEDIATE")
-        if conn.execute(
-            "SELECT 1 FROM readings WHERE reading_id = ?", (item.reading_id,)
-        ).fetchone():
-            conn.execute("ROLLBACK")
-            log.debug("outbox: duplicate reading %s", item.reading_id)
-            return PutResult.DUPLICATE
-        attributed = item.patient_id is not None
+        seen = self._existing_ids(conn, [item.reading_id for item, _ in items])
         pending = self._backlog_count(conn)
-        # An unattributed reading is never published, so the bound on what waits for the
-        # broker does not apply to it (its retention is keep_delivered_days).
-        if attributed and self._cfg.when_full == "reject_new":
-            reason = self._full_reason(pending)
-            if reason is not None:
-                total = self._bump(conn, "rejected_full", 1)
-                conn.execute("COMMIT")
-                self._backlog = pending
-                log.warning(
-                    "outbox full (%s, when_full=reject_new): rejected a new reading; "
-                    "%d rejected so far",
-                    reason,
-                    total,
-                )
-                log.debug(
-                    "outbox: rejected reading %s of patient %s", item.reading_id, item.patient_id
-                )
-                return PutResult.REJECTED_FULL
-        conn.execute(
+        results: list[PutResult] = []
+        rows: list[tuple[object, ...]] = []
+        rejected = 0
+        for item, confirmed in items:
+            if item.reading_id in seen:
+                log.debug("outbox: duplicate reading %s", item.reading_id)
+                results.append(PutResult.DUPLICATE)
+                continue
+            attributed = item.patient_id is not None
+            # An unattributed reading is never published, so the bound on what waits for the
+            # broker does not apply to it (its retention is keep_delivered_days).
+            if (attributed and not confirmed and self._cfg.when_full == "reject_new"
+                    and self._full_reason(pending) is not None):
+                rejected += 1
+                log.debug("outbox: rejected reading %s of patient %s", item.reading_id,
+                          item.patient_id)
+                results.append(PutResult.REJECTED_FULL)
+                continue
+            seen.add(item.reading_id)
+            pending += attributed
+            rows.append((item.reading_id, item.topic, item.payload, item.patient_id, item.kind,
+                         item.measured_at, item.measured_day, int(item.valid), now,
+                         _checksum(item.payload)))
+            results.append(PutResult.STORED)
+            log.debug("outbox: stored reading %s%s", item.reading_id, "" if attributed else
+                      " (unattributed)")  # fmt: skip
+        conn.executemany(
             "INSERT INTO readings (reading_id, topic, payload, patient_id, kind, measured_at,"
             " measured_day, valid, created_at, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                item.reading_id,
-                item.topic,
-                item.payload,
-                item.patient_id,
-                item.kind,
-                item.measured_at,
-                item.measured_day,
-                int(item.valid),
-                _iso(now),
-                checksum,
-            ),
+            rows,
         )
-        pending += attributed
-        if attributed and self._cfg.when_full == "drop_oldest" and pending > self._cfg.max_pending:
+        if self._cfg.when_full == "drop_oldest" and pending > self._cfg.max_pending:
             pending -= self._drop_oldest(conn, pending - self._cfg.max_pending, "over max_pending")
+        if rejected:
+            total = self._bump(conn, "rejected_full", rejected)
+            log.warning("outbox full (%s, when_full=reject_new): rejected %d new reading(s); "
+                        "%d rejected so far", self._full_reason(pending), rejected, total)
         if self._commit_delay_s:
             time.sleep(self._commit_delay_s)  # fault injection: a slow disk
         conn.execute("COMMIT")
         self._backlog = pending
-        log.debug("outbox: stored reading %s%s", item.reading_id, "" if attributed else
-                  " (unattributed)")  # fmt: skip
-        return PutResult.STORED
+        return results
+
+    @staticmethod
+    def _existing_ids(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(str(r[0]) for r in conn.execute(
+                f"SELECT reading_id FROM readings WHERE reading_id IN ({marks})", chunk))  # noqa: S608
+        return found
 
     def _full_reason(self, pending: int) -> str | None:
         if pending >= self._cfg.max_pending:
@@ -794,8 +838,9 @@ class Outbox:
             (_iso(now), reason, retry, seq),
         )
         conn.execute("COMMIT")
-        level = logging.WARNING if before[0] is None else logging.INFO
-        log.log(level, "outbox: reading seq %d quarantined (%s); %s", seq, reason,
+        # Debug: the uplink logs quarantines itself, rate-limited (an ACL refusal quarantines
+        # every reading; a line per row would flood the journal).
+        log.debug("outbox: reading seq %d quarantined (%s); %s", seq, reason,
                 "no automatic retry" if retry is None else f"retry after {retry}")  # fmt: skip
 
     def _stats_sync(self, conn: sqlite3.Connection) -> OutboxStats:

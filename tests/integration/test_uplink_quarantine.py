@@ -123,7 +123,8 @@ async def test_a_quarantined_reading_is_offered_again_on_the_slow_schedule(
     await outbox.put(make_item(1))
     async with mqtt_front(mosquitto) as front:
         front.reading_puback = 0x87  # not authorized: an ACL an operator may still fix
-        cfg = mqtt_cfg(front.host, front.port, quarantine_retry_s=0.5)
+        # The retry must come well after the 0.5 s look below, even on a loaded machine.
+        cfg = mqtt_cfg(front.host, front.port, quarantine_retry_s=2.0)
         uplink = Uplink(cfg, HUB, outbox, status_provider)
         async with running(uplink):
             await eventually(lambda: uplink.counters.quarantined == 1, "quarantined")
