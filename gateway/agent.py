@@ -367,8 +367,10 @@ class Agent:
         report = outbox.recovery
         if report is None:
             return
-        detail: dict[str, object] = {"kind": report.kind, "salvaged": report.salvaged, "lost": report.lost,
-                  "moved_to": str(report.moved_to) if report.moved_to else None}
+        detail: dict[str, object] = {
+            "kind": report.kind, "salvaged": report.salvaged, "lost": report.lost,
+            "moved_to": str(report.moved_to) if report.moved_to else None, "detail": report.detail,
+        }
         self.status.outbox_recovery = detail
         self._event("outbox_recovered", detail)
 
