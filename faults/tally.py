@@ -196,6 +196,7 @@ def tally(ledger: Ledger, readings: list[Message], expect: Expect, patients: set
         # Byte-identical frames cannot be told apart: up to one id per produced copy is fine.
         t.new_id_or_wrong_patient += max(0, distinct - len(groups[key]))
     stuck = not_for_patient = 0
+    windows: list[float] = []  # kill time minus confirmation time of each in-window reading
     for key, group in groups.items():
         if expect(group[0]) is None:
             not_for_patient += len(group)
@@ -209,6 +210,8 @@ def tally(ledger: Ledger, readings: list[Message], expect: Expect, patients: set
                 t.lost += 1
             elif in_window(r, kills, window_s):
                 t.in_window += 1
+                assert r.t_confirmed is not None
+                windows.append(min(k - r.t_confirmed for k in kills if k >= r.t_confirmed))
             else:
                 t.lost += 1
     if unknown:
@@ -217,6 +220,9 @@ def tally(ledger: Ledger, readings: list[Message], expect: Expect, patients: set
     if bad_time:
         t.violations += bad_time
         t.notes.append(f"{bad_time} reading(s) dated before 2010 or in the future")
+    if windows:
+        t.notes.append(f"in_window readings confirmed {min(windows) * 1000:.0f} to "
+                       f"{max(windows) * 1000:.0f} ms before a kill")
     if not_for_patient:
         t.notes.append(f"{not_for_patient} produced frame(s) for no patient (garbage, other slot)")
     if stuck:
