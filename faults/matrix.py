@@ -78,6 +78,7 @@ FAULTS: tuple[Fault, ...] = (
     *(Fault(n, "clock", _clock(n, o, t), short=(n == "clock-device-years-off"))
       for n, o, t in rows_radio.CLOCK_CASES),
     Fault("clock-hub-timezone", "clock", rows_radio.hub_timezone),
+    Fault("clock-hub-stepped", "clock", rows_radio.hub_clock_stepped),
     *(Fault(n, "config", _config(n), short=(n == "config-missing-password-file"))
       for n in rows_config.CASES),
     Fault("config-wrong-credentials", "config", rows_config.wrong_credentials, short=True),

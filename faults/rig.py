@@ -59,10 +59,11 @@ def _toml_value(v: object) -> str:
 def toml_text(sections: Mapping[str, Mapping[str, object]], top: Mapping[str, object],
               devices: Sequence[Mapping[str, object]]) -> str:
     """A small TOML writer for the agent's config: scalars in tables, then [[devices]]."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    # None: the key is left out (the agent's default applies).
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items() if v is not None]
     for name, table in sections.items():
         lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
     for d in devices:
         lines.append("[[devices]]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in d.items()]
@@ -120,7 +121,8 @@ class Rig:
                  broker_extra: Sequence[str] = (), users: Mapping[str, str] | None = None,
                  acl: str | None = None, anonymous: bool = False, proxy_open: bool = True,
                  data_dir: Path | None = None,
-                 cuff_slot: int | None = None, with_sim: bool = True) -> None:
+                 cuff_slot: int | None = None, with_sim: bool = True,
+                 agent_env: Mapping[str, str] | None = None) -> None:
         self.ctx = ctx
         self.dir = ctx.workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +149,7 @@ class Rig:
         self._with_sim = with_sim
         self.agent: AgentProc | None = None
         self.config_path = self.dir / "gateway.toml"
+        self._agent_env = dict(agent_env or {})
 
     async def __aenter__(self) -> Self:
         try:
@@ -160,6 +163,7 @@ class Rig:
                 link = await self.sim.start()
             self.write_config(link)
             env = {COMMIT_DELAY_ENV: str(self.commit_delay_ms)} if self.commit_delay_ms else {}
+            env.update(self._agent_env)
             self.agent = AgentProc(self.config_path, self.dir / "agent.log", env)
         except BaseException:
             await self.close()

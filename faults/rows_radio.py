@@ -6,10 +6,12 @@ import datetime as dt
 import itertools
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+from faults.procs import Unavailable
 from faults.report import Row
 from faults.rig import Ctx, Rig
-from faults.tally import Tally
+from faults.tally import Tally, outbox_pending
 
 TEN_YEARS_S = 10 * 365 * 86400
 
@@ -154,5 +156,61 @@ CLOCK_CASES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("clock-device-years-off", ("--clock-offset", str(-TEN_YEARS_S)), True),
     ("clock-device-epoch", ("--clock", "epoch"), True),
     ("clock-device-year0", ("--clock", "year0"), True),
+    ("clock-device-years-ahead", ("--clock-offset", str(TEN_YEARS_S)), True),
     ("clock-hub-unsynced-device-off", ("--clock-offset", str(TEN_YEARS_S)), False),
 )
+
+
+FAKETIME_LIBS = (Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"),
+                 Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1"),
+                 Path("/usr/lib/faketime/libfaketimeMT.so.1"))
+HUB_BOOT_TIME = "@2000-01-01 00:00:00"  # a Pi without RTC boots with a clock long past
+
+
+async def _stepped_trial(ctx: Ctx, name: str, lib: Path, *, stamped: bool,
+                        readings: int) -> tuple[Tally, float | None]:
+    stamp = ctx.workdir / f"{name}.faketime"
+    stamp.write_text(HUB_BOOT_TIME + "\n")
+    env = {"LD_PRELOAD": str(lib), "FAKETIME_TIMESTAMP_FILE": str(stamp),
+           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    sim = ["--devices", "scale,cuff", "--stored", "3", "--readings", str(readings),
+           "--interval", "0.4", *([] if stamped else ["--no-timestamp"])]
+    total = 2 * (3 + readings)
+    # trust_clock unset (None: not written): the agent asks the kernel, as on a hub.
+    async with Rig(ctx, name, sim_args=sim, proxy_open=False, agent_env=env,
+                   hub={"trust_clock": None}) as rig:
+        assert rig.agent is not None
+        await rig.agent.start()
+        await rig.wait_for(lambda: len(rig.ledger().records) >= total, readings * 0.4 + 30)
+        await rig.wait_for(lambda: (outbox_pending(rig.outbox_db) or 0) >= total, 20, 0.25)
+        stamp.write_text("+0\n")  # NTP steps the clock to the true time
+        await rig.wait_for(lambda: False, 1.0)
+        opened = await rig.reopen_broker()
+        await rig.settle(total, timeout=60, quiet=12)
+        return rig.tally(check_time=True), rig.first_delivery_after(opened)
+
+
+async def hub_clock_stepped(ctx: Ctx) -> Row:
+    """The hub clock unsynchronised at boot (year 2000), then stepped to the true time, by faketime.
+
+    Only the agent's wall clock is faked (LD_PRELOAD, monotonic left alone), never the machine's.
+    Readings pile up with the broker away while the clock is wrong, then go after the step: none
+    may be dated before 2010 or in the future, none dropped as "too old".
+    """
+    lib = next((p for p in FAKETIME_LIBS if p.exists()), None)
+    if lib is None:
+        raise Unavailable("libfaketime is not installed (apt-get install faketime)")
+    name = "clock-hub-stepped"
+    readings = ctx.pick(4, 8, 16)
+    out = Tally()
+    recs: list[float] = []
+    for stamped in (True, False):
+        t, rec = await _stepped_trial(ctx, f"{name}-{'stamped' if stamped else 'unstamped'}", lib,
+                                      stamped=stamped, readings=readings)
+        out.add(t)
+        if rec is not None:
+            recs.append(rec)
+    row = Row.of(name, "clock", 2, out, max(recs) if recs else None)
+    row.notes.append("agent clock at 2000-01-01 until stepped; trust_clock unset; "
+                     "devices with time stamps, then without")
+    return row
