@@ -1,0 +1,108 @@
+"""The window a killed hub can lose: notification callback → commit returned, per reading.
+
+The BLE stack confirms an indication before the gateway sees the value, so the device may forget
+a record the moment the callback runs; until the outbox's COMMIT returns, a `kill -9` or a power
+cut loses it. Ours: that window for every reading of a scale that sends its whole memory over the
+virtual radio to the real agent (outbox on this machine's disk, synchronous=FULL), delivered to a
+local mosquitto. Baseline: the same payloads committed one by one, in a bare SQLite database with
+the same journal settings, with nothing else running: the floor the window cannot go under.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from drivers.simulated.weight_scale import demo_scale
+from gateway.agent import Agent
+from gateway.broker import LocalBroker
+from gateway.config import parse_config
+from gateway.sim.radio import VirtualRadio
+from gateway.sim.wiring import VirtualBleakRadio
+
+SCALE = "C0:00:00:00:5C:01"
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _baseline(payloads: list[bytes], directory: Path) -> list[float]:
+    """Seconds per bare INSERT + COMMIT with WAL and synchronous=FULL."""
+    conn = sqlite3.connect(directory / "bare.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("CREATE TABLE r (id INTEGER PRIMARY KEY, reading_id TEXT UNIQUE, payload BLOB)")
+    out = []
+    for n, payload in enumerate(payloads):
+        t0 = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO r (reading_id, payload) VALUES (?, ?)", (f"r{n}", payload))
+        conn.execute("COMMIT")
+        out.append(time.perf_counter() - t0)
+    conn.close()
+    return out
+
+
+async def _ours(readings: int, directory: Path) -> tuple[list[float], list[bytes]]:
+    async with LocalBroker("mosquitto") as broker, VirtualRadio() as radio:
+        cfg = parse_config(f"""
+log_level = "warning"
+[hub]
+id = "bench-hub"
+data_dir = "{directory}"
+trust_clock = true
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+[radio]
+kind = "virtual"
+quiet_s = 1.0
+session_timeout_s = 600
+[[devices]]
+address = "{SCALE}"
+patient_id = "patient-bench"
+""")
+        scale = demo_scale(SCALE, readings=readings)
+        await radio.add_peripheral(scale)
+        agent = Agent(cfg, radio=VirtualBleakRadio(radio))
+        task = asyncio.create_task(agent.run())
+        try:
+            async with asyncio.timeout(600):
+                while len(agent.commit_windows) < readings:
+                    await asyncio.sleep(0.05)
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 30)
+        return list(agent.commit_windows), list(scale.sent)
+
+
+async def run(*, quick: bool = False) -> dict[str, Any]:
+    """Measure both; print baseline, ours and the ratio; return the results' keys."""
+    readings = 60 if quick else 500
+    with tempfile.TemporaryDirectory(dir=Path(__file__).parent, prefix=".bench-") as tmp:
+        ours, payloads = await _ours(readings, Path(tmp) / "agent")
+        base = await asyncio.to_thread(_baseline, payloads, Path(tmp))
+    ours_ms = [w * 1000 for w in ours]
+    base_ms = [w * 1000 for w in base]
+    p50, p99 = statistics.median(ours_ms), _pct(ours_ms, 0.99)
+    b50, b99 = statistics.median(base_ms), _pct(base_ms, 0.99)
+    print(f"commit window over {len(ours_ms)} readings (callback -> commit returned)")
+    print(f"  baseline bare SQLite commit: p50 {b50:.3f} ms  p99 {b99:.3f} ms")
+    print(f"  ours:                        p50 {p50:.3f} ms  p99 {p99:.3f} ms")
+    print(f"  ratio ours/baseline:         p50 {p50 / b50:.2f}    p99 {p99 / b99:.2f}")
+    return {
+        "commit_window_p50_ms": round(p50, 3),
+        "commit_window_p99_ms": round(p99, 3),
+        "commit_window": {
+            "readings": len(ours_ms), "max_ms": round(max(ours_ms), 3),
+            "baseline_p50_ms": round(b50, 3), "baseline_p99_ms": round(b99, 3),
+            "ratio_p50": round(p50 / b50, 3), "ratio_p99": round(p99 / b99, 3),
+        },
+    }
