@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck unit mosquitto schema clean faults faults-long bench
+.PHONY: venv demo test lint typecheck unit mosquitto faketime schema clean faults faults-long bench
 
 venv: $(VENV)/.installed
 
@@ -30,11 +30,22 @@ typecheck: venv
 
 # The fault matrix: real processes (agent, simulated devices, mosquitto) under real faults;
 # one row per fault, non-zero exit on any loss outside the measured commit window.
-faults: venv mosquitto
+faults: venv mosquitto faketime
 	$(BIN)/python -m faults
 
-faults-long: venv mosquitto
+faults-long: venv mosquitto faketime
 	$(BIN)/python -m faults --long
+
+# The hub-clock fault row runs the agent under libfaketime (the machine's clock is never touched).
+faketime:
+	@if [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || \
+	    [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1 ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing faketime with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime; \
+	else \
+	  echo "the clock fault row needs libfaketime: sudo apt-get install faketime"; \
+	fi
 
 # Benchmarks against baselines measured in the same run; writes bench/results.json.
 bench: venv mosquitto
