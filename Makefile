@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/rpm-gateway demo
 
-test: venv mosquitto lint typecheck
+test: venv mosquitto faketime lint typecheck
 	$(BIN)/pytest -q
 
 lint: venv
