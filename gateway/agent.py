@@ -27,7 +27,7 @@ from gateway.lograte import StateLog
 from gateway.outbox import Outbox, OutboxError, PutResult
 from gateway.registry import Pairings
 from gateway.status import HubStatus
-from gateway.timebase import hub_clock_synced
+from gateway.timebase import hub_clock_plausible, hub_clock_synced
 from gateway.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,10 @@ class Agent:
             if binding is None or driver is None:
                 self._active.discard(address)
                 continue
+            if not self._hub_clock_ok():
+                self._active.discard(address)
+                self._cooldown_until[address] = asyncio.get_running_loop().time() + STORAGE_CHECK_S
+                continue
             if await self._storage_blocked() is not None:
                 # Most devices forget a record once indicated: leave them their memory.
                 self._active.discard(address)
@@ -332,7 +336,25 @@ class Agent:
             raise StorageUnavailableError("outbox full (when_full = reject_new)")
         return attributed
 
-    # -- storage gate ---------------------------------------------------------------------------
+    # -- reading gates ---------------------------------------------------------------------------
+
+    def _hub_clock_ok(self) -> bool:
+        """False while the hub clock is certainly wrong: readings would be dated by it."""
+        now = dt.datetime.now(dt.UTC)
+        if hub_clock_plausible(now):
+            if self.status.hub_clock != "ok":
+                self._log_state.clear("hub clock")
+                log.warning("hub clock now reads %s: devices are read again", now.date())
+                self.status.hub_clock = "ok"
+                self._refresh.set()
+            return True
+        self.status.hub_clock = f"implausible: {now.date().isoformat()}"
+        if self._log_state.error("hub clock", "implausible",
+                                 "hub clock reads %s, before this release was made: devices are "
+                                 "not read until it is set (check NTP: timedatectl); they keep "
+                                 "their readings", now.date()):
+            self._refresh.set()
+        return False
 
     async def _storage_blocked(self) -> str | None:
         """Why no device may be read now (None: the outbox can take readings); cheap."""

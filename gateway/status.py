@@ -40,6 +40,8 @@ class HubStatus:
     # The outbox's own persisted counters (OutboxStats), refreshed after every session.
     outbox: dict[str, object] = field(default_factory=dict)
     hub_clock_synced: bool = False
+    # "ok", or "implausible: <date>" while the hub clock is certainly wrong (no device is read).
+    hub_clock: str = "ok"
     radio: str = "starting"
     # "ok", or why no device is read now (disk nearly full, store failing, bound reached).
     storage: str = "starting"
@@ -65,6 +67,7 @@ class HubStatus:
             "started_at": self.started_at,
             "at": _now(),
             "hub_clock_synced": self.hub_clock_synced,
+            "hub_clock": self.hub_clock,
             "radio": self.radio,
             "readings_stored": self.stored,
             "duplicates_ignored": self.duplicates,

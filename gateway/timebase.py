@@ -15,9 +15,20 @@ from gateway.models import TimeSource
 # fall back to epochs such as 1970 or 2000 (health-devices.md §2.5).
 EARLIEST_PLAUSIBLE = dt.datetime(2010, 1, 1, tzinfo=dt.UTC)
 LATEST_AHEAD = dt.timedelta(days=2)
-# With an unsynchronised hub clock (a Pi has no RTC: after boot it may be weeks behind, restored
-# from the last shutdown) "ahead of the hub" proves nothing; only this outer bound applies.
-LATEST_PLAUSIBLE = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+# This release was made after this date, so a hub clock before it is certainly wrong: a Pi has
+# no RTC, and without a saved time it boots at 1970 or at its image's build date. Devices are
+# not read while the hub clock is before it (Agent): a reading without a time stamp would be
+# dated by that clock. Move it forward with each release.
+CLOCK_FLOOR = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+# An unsynchronised hub clock that is plausible may still be weeks or months behind (restored
+# from the last shutdown after a long time unplugged): a device clock is believed up to this far
+# ahead of it, not further (a device clock ten years ahead is not).
+UNSYNCED_AHEAD = dt.timedelta(days=400)
+
+
+def hub_clock_plausible(now: dt.datetime) -> bool:
+    """False for a hub clock that is certainly wrong (before this release was made)."""
+    return now >= CLOCK_FLOOR
 
 
 def resolve_measured_at(
@@ -31,7 +42,8 @@ def resolve_measured_at(
     """UTC measurement time and where it came from; never invents a date.
 
     A device time is believed when it is plausible: not before 2010 (lost clocks restart at
-    1970 or 2000) and, while the hub clock is synchronised, not more than two days ahead of it.
+    1970 or 2000) and not more than two days ahead of a synchronised hub clock; an
+    unsynchronised one may be far behind, so then the bound is UNSYNCED_AHEAD past it.
     """
     if device_time is None:
         return received_at, "hub_receipt"
@@ -43,7 +55,8 @@ def resolve_measured_at(
         local = device_time - dt.timedelta(seconds=offset_s)
         source = "device_clock_corrected"
     measured = local.replace(tzinfo=zone).astimezone(dt.UTC)
-    latest = received_at + LATEST_AHEAD if hub_synced else LATEST_PLAUSIBLE
+    latest = (received_at + LATEST_AHEAD if hub_synced
+              else max(received_at, CLOCK_FLOOR) + UNSYNCED_AHEAD)
     if measured < EARLIEST_PLAUSIBLE or measured > latest:
         return received_at, "hub_receipt"
     return measured, source

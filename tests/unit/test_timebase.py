@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from zoneinfo import ZoneInfo
 
-from gateway.timebase import reading_id, resolve_measured_at
+from gateway.timebase import hub_clock_plausible, reading_id, resolve_measured_at
 
 CHICAGO = ZoneInfo("America/Chicago")
 RECEIVED = dt.datetime(2025, 3, 14, 13, 0, tzinfo=dt.UTC)
@@ -48,6 +48,20 @@ def test_unsynced_hub_clock_behind_does_not_overrule_a_good_device_clock() -> No
     # A device clock centuries off is still not believed.
     assert resolve_measured_at(dt.datetime(2150, 1, 1), None, stale, CHICAGO,
                                hub_synced=False)[1] == "hub_receipt"
+
+
+def test_unsynced_hub_does_not_believe_a_device_ten_years_ahead() -> None:
+    # Found by the fault matrix (clock-hub-unsynced-device-off): with trust_clock = false a
+    # device clock 10 years ahead was published as 2036.
+    now = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+    ahead = dt.datetime(2036, 11, 28, 7, 0)
+    assert resolve_measured_at(ahead, None, now, CHICAGO, hub_synced=False) == (now, "hub_receipt")
+
+
+def test_hub_clock_before_this_release_is_implausible() -> None:
+    assert not hub_clock_plausible(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))
+    assert not hub_clock_plausible(dt.datetime(1970, 1, 1, tzinfo=dt.UTC))
+    assert hub_clock_plausible(dt.datetime(2026, 12, 1, tzinfo=dt.UTC))
 
 
 def test_reading_id_is_stable_and_specific() -> None:
