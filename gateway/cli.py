@@ -17,6 +17,7 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_CONFIG = 78
@@ -150,6 +151,10 @@ def _run_agent(cfg: GatewayConfig) -> int:
             if isinstance(leaf, ConfigError):
                 print(f"rpm-gateway: configuration error: {leaf}", file=sys.stderr)
                 return EX_CONFIG
+            if isinstance(leaf, ConnectionError) and cfg.radio.link is not None:
+                # Development only: the simulated devices of radio.link are not running.
+                print(f"rpm-gateway: {leaf}", file=sys.stderr)
+                return EX_UNAVAILABLE
         # A bug: its type only (the message may quote patient values), the traceback at debug.
         names = ", ".join(sorted({type(leaf).__name__ for leaf in leaves}))
         if cfg.log_level == "debug":

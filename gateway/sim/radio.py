@@ -366,7 +366,7 @@ class VirtualRadio:
                 if loop.time() >= deadline:
                     raise ConnectionError(
                         f"virtual radio: nothing serves HCI on {self.hci} (start `rpm-gateway "
-                        f"simulate --listen {host}:{port}` first): {e}"
+                        f"simulate --listen {host}:{port}` first): {e or type(e).__name__}"
                     ) from e
                 await asyncio.sleep(0.2)
         terminated = getattr(self._transport.source, "terminated", None)

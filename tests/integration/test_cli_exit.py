@@ -258,3 +258,15 @@ def test_config_error_inside_the_agent_exits_78(
     assert code == EX_CONFIG
     assert err.strip().splitlines()[-1] == (
         "rpm-gateway: configuration error: mqtt.password_file: cannot read /x: permission denied")
+
+
+def test_simulated_devices_not_running_exits_69_with_the_command_to_start(tmp_path: Path) -> None:
+    # Development only: radio.link names a simulate process that is not there (was exit 70).
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[hub]\nid = "hub-1"\ndata_dir = "{tmp_path / "state"}"\n'
+                    '[radio]\nkind = "virtual"\nlink = "tcp:127.0.0.1:1"\noperation_timeout_s = 1\n'
+                    f'{DEVICE}')
+    p = cli("run", "--config", str(path))
+    assert p.returncode == 69, p.stderr
+    assert "Traceback" not in p.stderr
+    assert "rpm-gateway simulate" in p.stderr
