@@ -26,7 +26,7 @@ lint: venv
 	$(BIN)/ruff check gateway drivers tests faults bench
 
 typecheck: venv
-	$(BIN)/mypy gateway drivers
+	$(BIN)/mypy gateway drivers faults bench
 
 # The fault matrix: real processes (agent, simulated devices, mosquitto) under real faults;
 # one row per fault, non-zero exit on any loss outside the measured commit window.
