@@ -2,28 +2,31 @@
 
 The BLE stack confirms an indication before the gateway sees the value, so the device may forget
 a record the moment the callback runs; until the outbox's COMMIT returns, a `kill -9` or a power
-cut loses it. Ours: that window for every reading of a scale that sends its whole memory over the
-virtual radio to the real agent (outbox on this machine's disk, synchronous=FULL), delivered to a
-local mosquitto. Baseline: the same payloads committed one by one, in a bare SQLite database with
-the same journal settings, with nothing else running: the floor the window cannot go under.
+cut loses it. Ours: that window for every reading of a scale that sends its whole memory to the
+real agent (outbox on this machine's disk, synchronous=FULL) while the uplink delivers to a local
+mosquitto. The scale and the hub's controller run in a process of their own (`rpm-gateway
+simulate`), as bluetoothd and the radio do on a hub, so the agent's event loop carries only what
+it carries there. Baseline: the same payloads committed one by one in a bare SQLite database
+with the same journal settings and nothing else running: the floor the window cannot go under.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from drivers.simulated.weight_scale import demo_scale
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.config import parse_config
-from gateway.sim.radio import VirtualRadio
-from gateway.sim.wiring import VirtualBleakRadio
 
 SCALE = "C0:00:00:00:5C:01"
 
@@ -50,8 +53,28 @@ def _baseline(payloads: list[bytes], directory: Path) -> list[float]:
     return out
 
 
+@contextlib.asynccontextmanager
+async def _simulate(stored: int, ledger: Path) -> AsyncIterator[str]:
+    """`rpm-gateway simulate` with a scale holding `stored` readings; yields its link."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "simulate", "--devices", "scale", "--stored",
+        str(stored), "--readings", "0", "--listen", "127.0.0.1:0", "--ledger", str(ledger),
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            line = (await proc.stdout.readline()).decode().split()
+        yield line[1]
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
 async def _ours(readings: int, directory: Path) -> tuple[list[float], list[bytes]]:
-    async with LocalBroker("mosquitto") as broker, VirtualRadio() as radio:
+    directory.mkdir(parents=True)  # noqa: ASYNC240 (before anything runs)
+    ledger = directory / "ledger.jsonl"
+    async with LocalBroker("mosquitto") as broker, _simulate(readings, ledger) as link:
         cfg = parse_config(f"""
 log_level = "warning"
 [hub]
@@ -63,15 +86,14 @@ host = "{broker.host}"
 port = {broker.port}
 [radio]
 kind = "virtual"
+link = "{link}"
 quiet_s = 1.0
 session_timeout_s = 600
 [[devices]]
 address = "{SCALE}"
 patient_id = "patient-bench"
 """)
-        scale = demo_scale(SCALE, readings=readings)
-        await radio.add_peripheral(scale)
-        agent = Agent(cfg, radio=VirtualBleakRadio(radio))
+        agent = Agent(cfg)
         task = asyncio.create_task(agent.run())
         try:
             async with asyncio.timeout(600):
@@ -80,7 +102,9 @@ patient_id = "patient-bench"
         finally:
             agent.stop()
             await asyncio.wait_for(task, 30)
-        return list(agent.commit_windows), list(scale.sent)
+    payloads = [bytes.fromhex(e["payload"]) for e in map(json.loads, ledger.read_text().splitlines())
+                if e.get("event") == "produced"]
+    return list(agent.commit_windows), payloads
 
 
 async def run(*, quick: bool = False) -> dict[str, Any]:
