@@ -14,12 +14,18 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from bleak.backends.device import BLEDevice
 
-from drivers.simulated.blood_pressure import demo_cuff
+from bumble.device import Connection
+from bumble.gatt import Characteristic, Service
+
+from drivers import uuids
+from drivers.codec.weight import WeightMeasurement, encode_weight_measurement
+from drivers.simulated.blood_pressure import SimulatedBloodPressureMonitor, demo_cuff
+from drivers.simulated.device import uuid16
 from drivers.simulated.weight_scale import demo_scale
 from drivers.weight_scale import DRIVER as SCALE_DRIVER
 from gateway.ble.errors import DeviceUnreachableError
@@ -181,3 +187,44 @@ async def test_full_disk_no_device_is_drained_then_everything_arrives_when_space
     assert cuff.unsent == 0
     states = [p["detail"]["state"] for p in events.payloads() if p["event"] == "storage_pressure"]
     assert states[-2:] == ["blocked", "ok"]
+
+
+class CuffWithScale(SimulatedBloodPressureMonitor):
+    """A combined device: Blood Pressure and Weight Scale services on one address."""
+
+    WEIGHT: ClassVar[bytes] = encode_weight_measurement(
+        WeightMeasurement(imperial=False, weight_raw=16270))  # 81.35 kg, no time stamp
+
+    weight_sent = 0
+
+    def _standard_services(self) -> list[Service]:
+        self.weight = self.subscribable(uuids.WEIGHT_MEASUREMENT, Characteristic.Properties.INDICATE)
+        return [*super()._standard_services(), Service(uuid16(uuids.WEIGHT_SCALE), [self.weight])]
+
+    def _build_advertising_data(self) -> bytes:
+        # Both profiles in the complete list of 16-bit service UUIDs (Core Vol 3 Part C §11).
+        uuids16 = uuids.BLOOD_PRESSURE.to_bytes(2, "little") + uuids.WEIGHT_SCALE.to_bytes(2, "little")
+        return bytes([2, 0x01, 0x06, len(uuids16) + 1, 0x03]) + uuids16
+
+    async def before_frame(self, connection: Connection, frame: Any) -> None:
+        device = self._require_device()
+        if not self.weight_sent and device.gatt_server.read_cccd(connection, self.weight)[0] & 0x02:
+            await device.indicate_subscriber(connection, self.weight, self.WEIGHT)
+            self.weight_sent += 1
+        await super().before_frame(connection, frame)
+
+
+async def test_a_device_with_two_supported_profiles_is_read_for_both(
+    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+) -> None:
+    # Found: a device advertising 0x1810 and 0x181D was refused as ambiguous (an ERROR per
+    # advertisement), and with a pinned driver its second profile's readings were lost.
+    sub = await mqtt_subscriber(mosquitto, READINGS)
+    async with VirtualRadio() as radio:
+        cuff = demo_cuff(CUFF, readings=[bp(125, 81, 96, 70, 5)])
+        combined = CuffWithScale(cuff.script, intermediate_frames=0)
+        await radio.add_peripheral(combined)
+        async with running(config(tmp_path, mosquitto), radio):
+            await sub.wait_for(2, timeout=15)
+    kinds = sorted((r["kind"], r["device"]["driver"]) for r in sub.payloads())
+    assert kinds == [("blood_pressure", "sig_blood_pressure"), ("body_weight", "sig_weight_scale")]
