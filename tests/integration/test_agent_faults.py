@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 
 import pytest
 from bleak.backends.device import BLEDevice
-
 from bumble.device import Connection
 from bumble.gatt import Characteristic, Service
 
