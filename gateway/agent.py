@@ -189,12 +189,9 @@ class Agent:
             if binding is None or driver is None:
                 self._active.discard(address)
                 continue
-            if not self._hub_clock_ok():
-                self._active.discard(address)
-                self._cooldown_until[address] = asyncio.get_running_loop().time() + STORAGE_CHECK_S
-                continue
-            if await self._storage_blocked() is not None:
-                # Most devices forget a record once indicated: leave them their memory.
+            if not self._hub_clock_ok() or await self._storage_blocked() is not None:
+                # Most devices forget a record once indicated: leave them their memory until
+                # the hub can both date and keep what they would send.
                 self._active.discard(address)
                 self._cooldown_until[address] = asyncio.get_running_loop().time() + STORAGE_CHECK_S
                 continue
