@@ -89,6 +89,19 @@ ClockMode = Literal["set", "year0", "epoch"]
 TimeService = Literal["cts", "date_time", "none"]
 """How the clock is exposed: Current Time 0x2A2B, A&D-style Date Time 0x2A08, or not at all."""
 
+AttErrorTarget = Literal["info", "cccd"]
+"""What a scripted ATT error answers: Device Information/Battery reads, measurement CCCD writes."""
+
+SilentFrom = Literal["connect", "session"]
+"""Where a never-answering device goes silent: from the link's start, or after discovery."""
+
+SILENT_HOLD_S = 600.0
+"""How long a never-answering device holds the link before hanging up (the hub should go first)."""
+
+# Core Vol 3 Part F §3.4: what the hub's connection setup sends (MTU exchange and discovery).
+# A device silent from "session" on answers these, then nothing the driver asks.
+_SETUP_OPCODES = frozenset({0x02, 0x04, 0x06, 0x08, 0x10})
+
 
 @dataclass
 class SimScript(Generic[R]):
@@ -126,6 +139,13 @@ class SimScript(Generic[R]):
     manufacturer_data: dict[int, bytes] = field(default_factory=dict)
     service_data: dict[int, bytes] = field(default_factory=dict)  # 16-bit UUID -> data
     mtu: int = 247  # the largest ATT MTU the device accepts
+    # Radio faults, each for the first N connections (0: never), then the device behaves.
+    att_error_connections: int = 0  # answer `att_error_on` requests with `att_error_code`
+    att_error_code: int = int(ErrorCode.UNLIKELY_ERROR)
+    att_error_on: frozenset[AttErrorTarget] = frozenset({"info", "cccd"})
+    never_answer_connections: int = 0  # accept the link, then answer no ATT request
+    never_answer_from: SilentFrom = "session"
+    forget_bond_after: int | None = None  # once: delete every bond after N connections
 
 
 class SimClock:
@@ -222,6 +242,8 @@ class _Link(Generic[R]):
         self.sent: list[_Record[R]] = []  # confirmed on this link, in order
         self.in_flight: _Record[R] | None = None  # indicated, confirmation not heard yet
         self.session: asyncio.Task[None] | None = None
+        self.att_error = False  # scripted: answer info reads / CCCD writes with an ATT error
+        self.silent: SilentFrom | None = None  # scripted: answer no ATT request (from where)
 
 
 class _SimPairingDelegate(PairingDelegate):
@@ -267,9 +289,12 @@ class _PeripheralDevice(Device):
     """
 
     on_confirmation: Callable[[], None] | None = None
+    swallow: Callable[[int, bytes], bool] | None = None  # True: act as if the PDU never came
 
     def on_gatt_pdu(self, connection_handle: int, pdu: bytes) -> None:
-        """Note confirmations, then let bumble handle the PDU as usual."""
+        """Note confirmations, then let bumble handle the PDU as usual (unless swallowed)."""
+        if self.swallow is not None and self.swallow(connection_handle, pdu):
+            return
         if pdu[:1] == bytes([_ATT_HANDLE_VALUE_CONFIRMATION]) and self.on_confirmation is not None:
             self.on_confirmation()
         super().on_gatt_pdu(connection_handle, pdu)
@@ -295,6 +320,7 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         self.connection_count = 0
         self._pairing_mode = script.pairing_mode
         self._drop_after = script.drop_link_after
+        self._forget_after = script.forget_bond_after
         self._memory: list[_Record[R]] = []
         self._radio: Medium | None = None
         self._device: Device | None = None
@@ -422,6 +448,7 @@ class SimulatedDevice(abc.ABC, Generic[R]):
             radio.link, self.name, self.address, device_class=_PeripheralDevice
         )
         device.on_confirmation = self._on_confirmation
+        device.swallow = self._swallow
         device.gatt_server.max_mtu = self.script.mtu
         delegate = _SimPairingDelegate(self.script.accept_pairing)
         device.pairing_config_factory = lambda _connection: PairingConfig(
@@ -471,12 +498,12 @@ class SimulatedDevice(abc.ABC, Generic[R]):
             Service(
                 uuid16(DEVICE_INFORMATION_SERVICE),
                 [
-                    read_only_characteristic(MANUFACTURER_NAME, encode_string(s.manufacturer)),
-                    read_only_characteristic(MODEL_NUMBER, encode_string(s.model)),
-                    read_only_characteristic(SERIAL_NUMBER, encode_string(s.serial)),
-                    read_only_characteristic(HARDWARE_REVISION, encode_string(s.hardware)),
-                    read_only_characteristic(FIRMWARE_REVISION, encode_string(s.firmware)),
-                    read_only_characteristic(SYSTEM_ID, encode_system_id(s.system_id)),
+                    self._info(MANUFACTURER_NAME, encode_string(s.manufacturer)),
+                    self._info(MODEL_NUMBER, encode_string(s.model)),
+                    self._info(SERIAL_NUMBER, encode_string(s.serial)),
+                    self._info(HARDWARE_REVISION, encode_string(s.hardware)),
+                    self._info(FIRMWARE_REVISION, encode_string(s.firmware)),
+                    self._info(SYSTEM_ID, encode_system_id(s.system_id)),
                 ],
             ),
             Service(
@@ -486,7 +513,7 @@ class SimulatedDevice(abc.ABC, Generic[R]):
                         uuid16(BATTERY_LEVEL),
                         Characteristic.Properties.READ | Characteristic.Properties.NOTIFY,
                         Characteristic.READABLE,
-                        encode_battery_level(s.battery_level),
+                        self._info_value(encode_battery_level(s.battery_level)),
                     )
                 ],
             ),
@@ -503,6 +530,31 @@ class SimulatedDevice(abc.ABC, Generic[R]):
             )
             services.append(Service(uuid16(CURRENT_TIME_SERVICE), [current_time]))
         return services
+
+    def _info(self, number: int, value: bytes) -> Characteristic[bytes]:
+        """A read-only identity characteristic (subject to a scripted ATT error)."""
+        return Characteristic(
+            uuid16(number), Characteristic.Properties.READ, Characteristic.READABLE,
+            self._info_value(value),
+        )
+
+    def _info_value(self, value: bytes) -> CharacteristicValue[bytes]:
+        """A fixed value whose reads fail with the scripted ATT error on a faulty link."""
+
+        def read(connection: Connection) -> bytes:
+            self._scripted_att_error(connection, "info")
+            return value
+
+        return CharacteristicValue(read=read)
+
+    def _scripted_att_error(self, connection: Connection, target: AttErrorTarget) -> None:
+        """Raise the scripted ATT error if this link has one for `target`."""
+        link = self._link
+        if (link is not None and link.connection is connection and link.att_error
+                and target in self.script.att_error_on):
+            log.debug("%s: answering with ATT error 0x%02X, as scripted", self.address,
+                      self.script.att_error_code)
+            raise ATT_Error(self.script.att_error_code)
 
     def date_time_characteristic(self) -> list[Characteristic[bytes]]:
         """Date Time 0x2A08 (read, write) for the profile service when the script asks for it."""
@@ -536,6 +588,7 @@ class SimulatedDevice(abc.ABC, Generic[R]):
             return self._require_device().gatt_server.read_cccd(connection, characteristic)
 
         def write(connection: Connection, value: bytes) -> None:
+            self._scripted_att_error(connection, "cccd")
             self._require_device().gatt_server.write_cccd(connection, characteristic, value)
 
         # The server adds a plain CCCD unless one is given: give one, with our permissions,
@@ -638,6 +691,9 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         if self._observer is not None:
             self._observer.connected(self.address)
         link = _Link[R](connection)
+        link.att_error = self.connection_count <= self.script.att_error_connections
+        if self.connection_count <= self.script.never_answer_connections:
+            link.silent = self.script.never_answer_from
         self._link = link
         connection.on(
             Connection.EVENT_DISCONNECTION, lambda _reason: self._on_disconnection(link)
@@ -659,8 +715,13 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         self._spawn(self._after_disconnection())
 
     async def _after_disconnection(self) -> None:
-        """Resume advertising if there is still something to send, then wake waiters."""
+        """Forget bonds if scripted, resume advertising if there is news, then wake waiters."""
         try:
+            if self._forget_after is not None and self.connection_count >= self._forget_after:
+                # Before advertising again: the next connection must find the bond gone.
+                self._forget_after = None
+                log.debug("%s: forgetting every bond, as scripted", self.address)
+                await self.forget_bonds()
             await self._update_advertising()
         finally:
             self._settled = True
@@ -675,8 +736,27 @@ class SimulatedDevice(abc.ABC, Generic[R]):
             else:
                 link.subscribed.clear()
 
+    def _swallow(self, connection_handle: int, pdu: bytes) -> bool:
+        """Whether to ignore an ATT PDU: the link is scripted silent (from its start or setup)."""
+        link = self._link
+        if link is None or link.silent is None or link.connection.handle != connection_handle:
+            return False
+        if link.silent == "session" and pdu[:1] and pdu[0] in _SETUP_OPCODES:
+            return False
+        log.debug("%s: ignoring ATT opcode 0x%02X, as scripted", self.address, pdu[0] if pdu else 0)
+        return True
+
     async def _serve(self, link: _Link[R]) -> None:
         """One connection: wait for the subscription, indicate, go quiet, hang up."""
+        if link.silent is not None:
+            # A wedged device keeps the link up (its controller still answers) and says nothing:
+            # ending the session is the hub's job.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SILENT_HOLD_S):
+                    await asyncio.Event().wait()
+            if link.alive:
+                await self._disconnect(link.connection)
+            return
         try:
             while link.alive:
                 try:

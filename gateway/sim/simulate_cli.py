@@ -57,6 +57,12 @@ GARBAGE_FLAGS = 0xFF
 
 Frame = WeightMeasurement | BloodPressureMeasurement | bytes
 
+ATT_ERROR_TARGETS = ("info", "cccd")
+"""What --att-error-on may name: Device Information/Battery reads, the measurement CCCD write."""
+
+DEFAULT_ATT_ERROR = 0x0E
+"""Unlikely Error (Core Vol 3 Part F §3.4.1.1): what a device's firmware answers when confused."""
+
 
 def _host_port(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
@@ -82,6 +88,24 @@ def _slots(text: str) -> list[int]:
     if not slots or not all(0 <= s <= 255 for s in slots):
         raise argparse.ArgumentTypeError(f"user ids are 0..255 (255 = unknown user), got {text!r}")
     return slots
+
+
+def _att_code(text: str) -> int:
+    try:
+        code = int(text, 0)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an ATT error code like 0x0E, got {text!r}") from e
+    if not 0x01 <= code <= 0xFF:
+        raise argparse.ArgumentTypeError(f"ATT error codes are 0x01..0xFF, got {text!r}")
+    return code
+
+
+def _att_targets(text: str) -> frozenset[str]:
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    if not names or not names <= set(ATT_ERROR_TARGETS):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {', '.join(ATT_ERROR_TARGETS)}, got {text!r}")
+    return frozenset(names)
 
 
 def _zone(text: str) -> ZoneInfo:
@@ -133,6 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(never set), or at 2000-01-01")
     p.add_argument("--drop-link-after", type=_non_negative(int), default=None, metavar="N",
                    help="once per device: drop the link after N confirmed indications")
+    p.add_argument("--att-error", type=_non_negative(int), default=0, metavar="N",
+                   help="each device's first N connections answer --att-error-on requests with "
+                        "an ATT error, then the device behaves")
+    p.add_argument("--att-error-code", type=_att_code, default=DEFAULT_ATT_ERROR, metavar="CODE",
+                   help="the ATT error code for --att-error (0x0E: Unlikely Error)")
+    p.add_argument("--att-error-on", type=_att_targets, default=frozenset(ATT_ERROR_TARGETS),
+                   metavar="info,cccd",
+                   help="what --att-error answers: info (Device Information and Battery "
+                        "reads), cccd (the hub's write enabling measurement indications)")
+    p.add_argument("--never-answer", type=_non_negative(int), default=0, metavar="N",
+                   help="each device's first N connections: accept the link, then answer no "
+                        "ATT request and hold the link until the hub drops it")
+    p.add_argument("--never-answer-from", choices=("connect", "session"), default="session",
+                   help="connect: silent from the link's start (MTU exchange, discovery); "
+                        "session: answers the hub's connection setup, then nothing")
+    p.add_argument("--forget-bond-after", type=_non_negative(int), default=None, metavar="N",
+                   help="once per device: delete its bonds after N connections, as a battery "
+                        "change does (needs --bonding: only the bonded cuff holds one)")
     p.add_argument("--garbage-every", type=_non_negative(int), default=0, metavar="N",
                    help="every Nth frame of a device is garbage bytes (0: never)")
     p.add_argument("--user-slots", type=_slots, default=[1], metavar="1,2,255",
@@ -199,6 +241,12 @@ def make_device(kind: str, args: argparse.Namespace, maker: FrameMaker) -> Simul
         "zone": args.timezone,
         "drop_link_after": args.drop_link_after,
         "pairing_mode": args.constant_advertiser,
+        "att_error_connections": args.att_error,
+        "att_error_code": args.att_error_code,
+        "att_error_on": args.att_error_on,
+        "never_answer_connections": args.never_answer,
+        "never_answer_from": args.never_answer_from,
+        "forget_bond_after": args.forget_bond_after,
     }
     address = ADDRESSES[kind]
     if kind == "scale":
@@ -248,7 +296,10 @@ def main(argv: list[str]) -> int:
     """Run the simulate command with `argv` (the arguments after `simulate`); exit status."""
     if argv[:1] == ["--"]:
         argv = argv[1:]  # `rpm-gateway simulate -- --devices ...`: the separator is not ours
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.forget_bond_after is not None and not args.bonding:
+        parser.error("--forget-bond-after needs --bonding (without it no device holds a bond)")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

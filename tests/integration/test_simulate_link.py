@@ -15,6 +15,7 @@ import pytest
 from bleak import BleakClient, BleakScanner
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.backends.device import BLEDevice
+from bleak.exc import BleakError, BleakGATTProtocolError
 from bleak.uuids import normalize_uuid_16
 
 from drivers.simulated import demo_cuff, demo_scale
@@ -170,3 +171,69 @@ async def test_adverts_carry_each_devices_own_rssi_across_the_link(field: Device
                                 backend=VirtualScannerBackend, radio=radio):
             await until(lambda: len(seen) == 2)
     assert seen == {SCALE: -71, CUFF: -48}
+
+
+async def test_scripted_att_errors_last_n_connections_then_the_device_behaves(
+    field: DeviceField,
+) -> None:
+    scale = await field.add_peripheral(demo_scale(SCALE, readings=1, att_error_connections=1))
+    async with VirtualRadio(hci=await served(field)) as radio:
+        async with client(radio, await find(radio, SCALE)) as c:
+            with pytest.raises(BleakGATTProtocolError) as e:
+                await c.read_gatt_char(normalize_uuid_16(0x2A29))  # Manufacturer Name
+            assert e.value.code == 0x0E  # Unlikely Error
+            with pytest.raises(BleakGATTProtocolError):
+                await c.read_gatt_char(normalize_uuid_16(0x2A19))  # Battery Level
+            with pytest.raises(BleakGATTProtocolError):
+                await c.start_notify(WEIGHT_MEASUREMENT, lambda _c, _d: None)
+        await scale.wait_disconnected(WAIT)
+        assert scale.unsent == 1  # nothing given away
+        got: list[bytes] = []
+        async with client(radio, await find(radio, SCALE)) as c:
+            assert bytes(await c.read_gatt_char(normalize_uuid_16(0x2A29))) == b"Simulated Health"
+            await c.start_notify(WEIGHT_MEASUREMENT, lambda _c, d: got.append(bytes(d)))
+            await scale.wait_sent(1, WAIT)
+    assert got == scale.sent
+
+
+async def test_a_never_answering_device_holds_the_link_and_says_nothing(field: DeviceField) -> None:
+    scale = await field.add_peripheral(demo_scale(SCALE, readings=1, never_answer_connections=1,
+                                                  idle_timeout_s=0.5))
+    async with VirtualRadio(hci=await served(field), op_timeout=0.5) as radio:
+        async with client(radio, await find(radio, SCALE)) as c:  # setup is answered
+            with pytest.raises(TimeoutError):
+                await c.read_gatt_char(normalize_uuid_16(0x2A29))
+            with pytest.raises(TimeoutError):
+                await c.start_notify(WEIGHT_MEASUREMENT, lambda _c, _d: None)
+            await asyncio.sleep(1.0)  # longer than idle_timeout_s: a silent device does not hang up
+            assert c.is_connected and scale.is_connected
+        await scale.wait_disconnected(WAIT)
+        assert scale.unsent == 1
+        async with client(radio, await find(radio, SCALE)) as c:
+            await c.start_notify(WEIGHT_MEASUREMENT, lambda _c, _d: None)
+            await scale.wait_sent(1, WAIT)
+
+
+async def test_a_device_silent_from_connect_fails_the_connection_setup(field: DeviceField) -> None:
+    await field.add_peripheral(demo_scale(SCALE, readings=1, never_answer_connections=1,
+                                          never_answer_from="connect"))
+    async with VirtualRadio(hci=await served(field), op_timeout=0.5) as radio:
+        c = BleakClient(await find(radio, SCALE), timeout=1.0, backend=VirtualClientBackend,
+                        radio=radio)
+        with pytest.raises(TimeoutError):
+            await c.connect()  # the MTU exchange is never answered
+
+
+async def test_a_cuff_that_forgets_its_bond_refuses_the_hubs_keys(field: DeviceField) -> None:
+    cuff = await field.add_peripheral(demo_cuff(CUFF, readings=3, bonding_required=True,
+                                                forget_bond_after=1, drop_link_after=1))
+    async with VirtualRadio(hci=await served(field)) as radio:
+        async with client(radio, await find(radio, CUFF)) as c:
+            await c.pair()
+            await c.start_notify(BPM, lambda _c, _d: None)
+            await cuff.wait_sent(1, WAIT)
+        await cuff.wait_disconnected(WAIT)
+        assert cuff.unsent == 2 and await radio.has_bond(CUFF)
+        with pytest.raises(BleakError, match="authentication"):
+            await client(radio, await find(radio, CUFF)).connect()
+        assert cuff.unsent == 2  # what it still holds stays on the device

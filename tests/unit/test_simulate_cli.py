@@ -40,7 +40,9 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     for option in ("--devices", "--listen", "--readings", "--interval", "--stored",
                    "--resend-stored", "--bonding", "--timezone", "--clock-offset", "--clock",
                    "--drop-link-after", "--garbage-every", "--user-slots",
-                   "--constant-advertiser", "--no-timestamp", "--ledger"):
+                   "--constant-advertiser", "--no-timestamp", "--ledger", "--att-error",
+                   "--att-error-code", "--att-error-on", "--never-answer",
+                   "--never-answer-from", "--forget-bond-after"):
         assert option in out
 
 
@@ -143,3 +145,39 @@ def test_rpm_gateway_simulate_takes_options_without_a_separator() -> None:
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "--devices" in p.stdout
+
+
+def test_radio_fault_options_reach_the_script() -> None:
+    args = parse("--bonding", "--att-error", "2", "--att-error-code", "0x80", "--att-error-on",
+                 "cccd", "--never-answer", "3", "--never-answer-from", "connect",
+                 "--forget-bond-after", "1")
+    s = make_device("cuff", args, FrameMaker("cuff", args)).script
+    assert (s.att_error_connections, s.att_error_code, s.att_error_on) == (2, 0x80, {"cccd"})
+    assert (s.never_answer_connections, s.never_answer_from) == (3, "connect")
+    assert s.forget_bond_after == 1
+
+
+def test_radio_faults_are_off_by_default() -> None:
+    s = make_device("scale", parse(), FrameMaker("scale", parse())).script
+    assert s.att_error_connections == 0 and s.never_answer_connections == 0
+    assert s.forget_bond_after is None
+    assert s.att_error_code == 0x0E and s.att_error_on == {"info", "cccd"}  # Unlikely Error
+    assert s.never_answer_from == "session"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--att-error", "-1"], ["--att-error-code", "0"], ["--att-error-code", "0x100"],
+    ["--att-error-code", "E"], ["--att-error-on", "cccd,toaster"], ["--att-error-on", ""],
+    ["--never-answer", "-2"], ["--never-answer-from", "later"], ["--forget-bond-after", "x"],
+])
+def test_bad_radio_fault_options_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2
+
+
+def test_forgetting_a_bond_needs_bonding(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--devices", "cuff", "--forget-bond-after", "1"])
+    assert e.value.code == 2
+    assert "--bonding" in capsys.readouterr().err
