@@ -191,3 +191,34 @@ async def test_kill_9_mid_transfer_then_the_next_agent_gets_what_was_never_confi
     for p in readings.payloads():
         ids.setdefault(p["raw"], set()).add(p["reading_id"])
     assert all(len(v) == 1 for v in ids.values())
+
+
+async def test_simulate_att_error_option_reaches_the_devices_of_the_process(tmp_path: Path) -> None:
+    from bleak import BleakClient, BleakScanner
+    from bleak.exc import BleakGATTProtocolError
+    from bleak.uuids import normalize_uuid_16
+
+    from gateway.sim.backend import VirtualClientBackend, VirtualScannerBackend
+    from gateway.sim.radio import VirtualRadio
+
+    weight = normalize_uuid_16(0x2A9D)
+    ledger = tmp_path / "ledger.jsonl"
+    async with simulate("--devices", "scale", "--stored", "1", "--att-error", "1",
+                        "--att-error-on", "cccd", "--att-error-code", "0x80",
+                        "--ledger", str(ledger)) as (proc, link), VirtualRadio(hci=link) as radio:
+        for attempt in range(2):
+            device = await BleakScanner.find_device_by_address(
+                SCALE, timeout=5, backend=VirtualScannerBackend, radio=radio)  # type: ignore[call-arg]
+            assert device is not None
+            async with BleakClient(device, timeout=5, backend=VirtualClientBackend,
+                                   radio=radio) as c:  # type: ignore[call-arg]
+                if attempt == 0:
+                    with pytest.raises(BleakGATTProtocolError) as e:
+                        await c.start_notify(weight, lambda _c, _d: None)
+                    assert e.value.code == 0x80  # as given on the command line
+                else:
+                    await c.start_notify(weight, lambda _c, _d: None)
+                    async with asyncio.timeout(5):
+                        while not any(e["event"] == "confirmed" for e in read_ledger(ledger)):
+                            await asyncio.sleep(0.05)
+        assert (await stop(proc))[0] == 0
