@@ -46,6 +46,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Identity and clock are nice to have: a device that refuses one still measures, so ATT errors
+# and bad bytes there are logged and passed over. A timeout is not: after an ATT transaction
+# timeout the bearer is dead (Core Vol 3 Part F §3.3.3), so it ends the session, which then
+# says the device stopped answering instead of waiting out every read until the deadline.
+
 # A set clock that reads back further off than this was not really set (hass-omron #190).
 CLOCK_SET_TOLERANCE_S = 5.0
 # Bonding is a few round trips plus the device's own confirmation.
@@ -121,8 +126,7 @@ class StandardProfileDriver:
             try:
                 raw = await self._read(client, uuid16, hooks)
                 fields[key] = None if raw is None else decode(raw)
-            except (BleakError, DecodeError, TimeoutError) as e:
-                # Identity and battery are nice to have; a device that refuses one still measures.
+            except (BleakError, DecodeError) as e:
                 log.debug("device information 0x%04x unreadable: %s", uuid16, e)
                 fields[key] = None
         return DeviceInfo(**fields)
@@ -148,7 +152,7 @@ class StandardProfileDriver:
             device_time = await self._read_clock(client, hooks, use_cts=has_cts)
             if device_time is not None:
                 offset = (device_time - hooks.local_now()).total_seconds()
-        except (BleakError, DecodeError, TimeoutError) as e:
+        except (BleakError, DecodeError) as e:
             log.debug("device clock unreadable: %s", e)
         set_ok = False
         if (has_cts or has_dt) and hooks.hub_clock_trusted():
@@ -164,7 +168,7 @@ class StandardProfileDriver:
             async with asyncio.timeout(hooks.op_timeout_s):
                 await client.write_gatt_char(uuids.full(uuid16), value, response=True)
             readback = await self._read_clock(client, hooks, use_cts=use_cts)
-        except (BleakError, DecodeError, TimeoutError) as e:
+        except (BleakError, DecodeError) as e:
             log.info("device refused the clock write: %s", e)
             return False
         if readback is None:

@@ -107,7 +107,8 @@ def classify(address: str, err: BaseException, *, connected: bool) -> SessionErr
     if isinstance(err, TimeoutError):
         if connected:
             return DeviceStoppedAnsweringError(address, "a request timed out")
-        return DeviceUnreachableError(address, "no connection within the connect timeout")
+        return DeviceUnreachableError(
+            address, "no connection came up (or finished its set-up) within the connect timeout")
     if any(w in text for w in _BOND_WORDS):
         return BondLostError(address, detail)
     if any(w in text for w in _BUSY_WORDS):

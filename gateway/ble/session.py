@@ -14,13 +14,13 @@ from bleak.backends.device import BLEDevice
 from bleak.exc import BleakError
 from tenacity import (
     AsyncRetrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
 )
 
 from drivers.base import ClockCheck, DeviceInfo, Driver, Measurement
-from gateway.ble.errors import SessionDeadlineError, SessionError, classify
+from gateway.ble.errors import BondLostError, SessionDeadlineError, SessionError, classify
 from gateway.ble.radio import Radio
 from gateway.config import RadioConfig
 
@@ -143,6 +143,12 @@ async def run_session(
     return ctx.stats
 
 
+def _transient(e: BaseException) -> bool:
+    """Worth another connection attempt: not a refused bond (retrying only drains the battery)."""
+    return isinstance(e, BleakError | TimeoutError) and not isinstance(
+        classify("", e, connected=False), BondLostError)
+
+
 async def _connect(radio: Radio, device: BLEDevice, cfg: RadioConfig, ctx: SessionContext) -> BleakClient:
     def lost(_: BleakClient) -> None:
         ctx.link_lost.set()
@@ -150,7 +156,8 @@ async def _connect(radio: Radio, device: BLEDevice, cfg: RadioConfig, ctx: Sessi
     async for attempt in AsyncRetrying(
         stop=stop_after_attempt(cfg.connect_attempts),
         wait=wait_random_exponential(multiplier=0.25, max=4.0),
-        retry=retry_if_exception_type((BleakError, TimeoutError)),
+        # A refused bond is not transient: retrying only drains the device's battery.
+        retry=retry_if_exception(_transient),
         reraise=True,
     ):
         with attempt:

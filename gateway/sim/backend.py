@@ -219,7 +219,7 @@ class VirtualClientBackend(BaseBleakClient):
             except BleakError as e:
                 raise BleakError(
                     f"authentication failed: {self.address} did not accept the stored bond "
-                    f"({e}); the device may have lost it: unpair and pair again"
+                    f"({e})"
                 ) from e
         elif pair:
             await self._pair(connection)

@@ -27,7 +27,7 @@ from drivers.simulated.blood_pressure import SimulatedBloodPressureMonitor, demo
 from drivers.simulated.device import uuid16
 from drivers.simulated.weight_scale import demo_scale
 from drivers.weight_scale import DRIVER as SCALE_DRIVER
-from gateway.ble.errors import DeviceUnreachableError
+from gateway.ble.errors import DeviceStoppedAnsweringError, DeviceUnreachableError
 from gateway.ble.session import SessionContext, run_session
 from gateway.broker import LocalBroker
 from gateway.config import RadioConfig
@@ -104,6 +104,30 @@ async def test_unreachable_device_gets_range_advice_not_the_bluetooth_stack(
     with pytest.raises(DeviceUnreachableError) as err:
         await run_session(VirtualBleakRadio(radio), ghost, SCALE_DRIVER, cfg, ctx, handle)
     assert "within a few metres" in str(err.value)
+    assert "bluetoothd" not in str(err.value)
+
+
+async def test_a_silent_device_is_stopped_answering_at_its_first_timeout_not_the_deadline(
+    radio: VirtualRadio,
+) -> None:
+    # Found by the matrix (radio-never-answer-deadline): each identity and clock read timed out
+    # in turn until the session deadline, which then blamed the Bluetooth stack. After an ATT
+    # timeout the bearer is dead: the first one ends the session, with the right advice.
+    scale = demo_scale(SCALE, readings=3, never_answer_connections=1)
+    await radio.add_peripheral(scale)
+    cfg = RadioConfig(kind="virtual", operation_timeout_s=0.5, session_timeout_s=20)
+    ctx = SessionContext(cfg, zone_now=dt.datetime.now,
+                         clock_trusted=lambda: True, on_reject=lambda *_: None)
+
+    async def handle(*_: Any) -> None:
+        raise AssertionError("nothing to read")
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    device = BLEDevice(SCALE, "SIM Scale", None)
+    with pytest.raises(DeviceStoppedAnsweringError) as err:
+        await run_session(VirtualBleakRadio(radio), device, SCALE_DRIVER, cfg, ctx, handle)
+    assert loop.time() - started < 2  # one timed-out request (0.5 s), not nine in turn
     assert "bluetoothd" not in str(err.value)
 
 

@@ -64,3 +64,13 @@ def test_state_log_reminds_with_a_count(caplog: pytest.LogCaptureFixture) -> Non
     sl.error("k", "x", "radio gone")
     assert caplog.records[-1].levelno == logging.ERROR
     assert "1 times since the last report" in caplog.records[-1].getMessage()
+
+
+def test_a_refused_bond_is_not_retried_on_the_spot() -> None:
+    # Found by the matrix (bond-forgot-bond): 4 connection attempts per session for an error
+    # that retrying cannot fix, 17 connections in 50 s on the device's battery.
+    from gateway.ble.session import _transient
+
+    assert _transient(TimeoutError())
+    assert _transient(BleakError("le-connection-abort-by-local"))
+    assert not _transient(BleakError(f"authentication failed: {A} did not accept the stored bond"))
