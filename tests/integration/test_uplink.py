@@ -605,17 +605,6 @@ async def test_tls_without_a_client_certificate_is_refused(
     assert "certificate" in log_text.lower()
 
 
-@pytest.fixture
-def broker_passwords(tmp_path: Path) -> Path:
-    """A mosquitto password file with user hub-1."""
-    tool = shutil.which("mosquitto_passwd")
-    if tool is None:
-        pytest.fail("mosquitto_passwd (package mosquitto) is needed to make a password file")
-    passwords = tmp_path / "passwd"
-    subprocess.run([tool, "-c", "-b", str(passwords), "hub-1", "s3cret-pw"], check=True)
-    return passwords
-
-
 async def test_password_from_file_authenticates_and_is_never_logged(
     broker_factory: Callable[..., Awaitable[LocalBroker]],
     outbox: Outbox,

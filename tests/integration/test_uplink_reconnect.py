@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -108,17 +106,6 @@ async def test_unreachable_broker_logs_once_then_quietly(
     assert status["state"] == "connected" and since is not None
     assert datetime.fromisoformat(str(status["since"])).utcoffset() is not None  # ISO, with zone
     assert status["last_error"]  # why it was last cut off, kept after the recovery
-
-
-@pytest.fixture
-def broker_passwords(tmp_path: Path) -> Path:
-    """A mosquitto password file with user hub-1."""
-    tool = shutil.which("mosquitto_passwd")
-    if tool is None:
-        pytest.fail("mosquitto_passwd (package mosquitto) is needed to make a password file")
-    passwords = tmp_path / "passwd"
-    subprocess.run([tool, "-c", "-b", str(passwords), "hub-1", "s3cret-pw"], check=True)
-    return passwords
 
 
 @pytest.fixture
