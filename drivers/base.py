@@ -61,9 +61,6 @@ class Measurement(BaseModel):
     user_index: int | None = Field(
         default=None, description="the user id as sent; 255 = the device's 'unknown user'; "
         "null when the value has no user field")
-    timestamped: bool = Field(
-        default=False, description="the value carries a device time stamp field, even one whose "
-        "date is unknown (year 0): re-sent records then repeat the same bytes")
     sequence: int | None = Field(
         default=None, description="the device's record sequence number, where it sends one")
     characteristic: str = Field(description="16-bit UUID of the characteristic, e.g. '2a35'")

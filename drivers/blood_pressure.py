@@ -50,7 +50,6 @@ def decode_bp(raw: bytes) -> Measurement:
         status=m.status_flags(),
         valid=valid,
         device_time=m.timestamp.to_datetime() if m.timestamp else None,
-        timestamped=m.timestamp is not None,
         user_index=m.user_id,
         characteristic="2a35",
         raw=bytes(raw),

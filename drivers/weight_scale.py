@@ -40,7 +40,6 @@ def decode_weight(raw: bytes) -> Measurement:
         observations=weight_observations(m),
         valid=m.successful,
         device_time=m.timestamp.to_datetime() if m.timestamp else None,
-        timestamped=m.timestamp is not None,
         user_index=m.user_id,
         characteristic="2a9d",
         raw=bytes(raw),

@@ -37,7 +37,7 @@ def decode_to_json(characteristic: str, hex_text: str) -> str:
     except ValueError as e:
         raise DecodeError(f"not hexadecimal bytes: {hex_text!r}") from e
     m = decoder(raw)
-    # The payload's shape: identity hints (timestamped, sequence) are the hub's own business.
-    doc = m.model_dump(mode="json", exclude={"raw", "timestamped", "sequence"})
+    # The payload's shape: the sequence number is an identity hint, the hub's own business.
+    doc = m.model_dump(mode="json", exclude={"raw", "sequence"})
     doc["raw"] = raw.hex()
     return json.dumps(doc, indent=2)

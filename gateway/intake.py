@@ -55,7 +55,7 @@ def build_reading(
                                               hub_synced=hub_clock_synced)
     rid = reading_id(
         address, m.characteristic, m.raw,
-        identified=m.timestamped or m.sequence is not None,
+        identified=m.device_time is not None or m.sequence is not None,
         connection=connection, occurrence=occurrence,
     )
     return Reading(

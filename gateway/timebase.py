@@ -52,9 +52,15 @@ def resolve_measured_at(
     if offset_s is not None:
         # The offset was measured on the device's own wall clock, so correct there first;
         # converting afterwards keeps a DST change between measurement and upload right.
-        local = device_time - dt.timedelta(seconds=offset_s)
+        try:
+            local = device_time - dt.timedelta(seconds=offset_s)
+        except OverflowError:
+            return received_at, "hub_receipt"
         source = "device_clock_corrected"
-    measured = local.replace(tzinfo=zone).astimezone(dt.UTC)
+    try:
+        measured = local.replace(tzinfo=zone).astimezone(dt.UTC)
+    except OverflowError:  # near year 9999 (legal in the codec): certainly not a real time
+        return received_at, "hub_receipt"
     latest = (received_at + LATEST_AHEAD if hub_synced
               else max(received_at, CLOCK_FLOOR) + UNSYNCED_AHEAD)
     if measured < EARLIEST_PLAUSIBLE or measured > latest:
@@ -74,8 +80,10 @@ def reading_id(
     """Stable id: the same measurement gets the same id, distinct measurements never share one.
 
     `identified`: the value carries what tells one measurement from another (a device time
-    stamp or a record sequence number, both inside `raw`), so a device re-sending a stored
-    record on any later connection hashes to the same id.
+    stamp with a known date, or a record sequence number, both inside `raw`), so a device
+    re-sending a stored record on any later connection hashes to the same id. A stamp whose
+    date is unknown (year 0) does not count: a clock that was never set may not even run, and
+    two weighings of the same weight would then share their bytes.
 
     Otherwise nothing in the bytes can tell a re-sent measurement from a new, identical one
     (two weighings of 81.4 kg). The rule then: every frame received is a measurement of its

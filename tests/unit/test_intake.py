@@ -111,3 +111,20 @@ def test_timestamped_reading_id_is_the_same_on_every_connection() -> None:
         received_at=RECEIVED + dt.timedelta(days=1), zone=CHICAGO, hub_clock_synced=True,
         connection="another", occurrence=2)
     assert a.reading_id == b.reading_id
+
+
+def test_a_stamp_with_an_unknown_date_does_not_merge_two_days() -> None:
+    # Found in review: a never-set clock (year 0, maybe not even running) gives Monday's and
+    # Tuesday's 81.35 kg the same bytes; keyed on the bytes alone, Tuesday's was a "duplicate".
+    raw = bytes.fromhex("0E8E3F" "00000000000000" "010101F406")  # §12 weight row 2, date 0
+    m = decode_weight(raw)
+    assert m.device_time is None
+
+    def rid(connection: str) -> str:
+        return build_reading(
+            m, hub_id="hub-1", binding=BINDING, address="aa:bb:cc:dd:ee:01", info=DeviceInfo(),
+            driver_name="sig_weight_scale", driver_version="1.0", clock=None,
+            received_at=RECEIVED, zone=CHICAGO, hub_clock_synced=True, connection=connection,
+        ).reading_id
+
+    assert rid("monday") != rid("tuesday")

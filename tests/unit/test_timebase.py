@@ -92,3 +92,12 @@ def test_untimestamped_id_does_not_depend_on_receipt_time() -> None:
                        occurrence=0)
     assert first == reading_id("AA:BB:CC:DD:EE:FF", "2a9d", raw, identified=False,
                                connection="c", occurrence=0)
+
+
+def test_a_stamp_near_year_9999_is_not_a_crash() -> None:
+    # Found in review: 9999-12-31 is legal in the codec; converting it overflowed and the
+    # reading was lost as an "internal error".
+    late = dt.datetime(9999, 12, 31, 23, 0)
+    assert resolve_measured_at(late, None, RECEIVED, ZoneInfo("America/New_York"))[1] == "hub_receipt"
+    assert resolve_measured_at(dt.datetime(9999, 12, 31, 12, 0), -172800.0, RECEIVED,
+                               CHICAGO)[1] == "hub_receipt"
