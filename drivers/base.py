@@ -151,12 +151,12 @@ class SessionHooks(Protocol):
         """Whether the hub's own clock is synchronised, so it may set device clocks."""
         ...
 
-    async def storage_blocked(self) -> str | None:
-        """Why readings cannot be stored now (None: they can); asked before subscribing."""
-        ...
-
     def committed(self, window_s: float) -> None:
         """A value was committed this long after its notification callback ran."""
+        ...
+
+    def commit_failed(self, characteristic: str, error: BaseException) -> None:
+        """A confirmed value could not be committed after every retry: it is lost; report it."""
         ...
 
     def local_now(self) -> dt.datetime:

@@ -25,7 +25,6 @@ from drivers.base import (
     Measurement,
     MeasurementSink,
     SessionHooks,
-    StorageUnavailableError,
 )
 from drivers.codec.date_time import (
     CurrentTime,
@@ -50,6 +49,12 @@ log = logging.getLogger(__name__)
 # and bad bytes there are logged and passed over. A timeout is not: after an ATT transaction
 # timeout the bearer is dead (Core Vol 3 Part F §3.3.3), so it ends the session, which then
 # says the device stopped answering instead of waiting out every read until the deadline.
+
+# A failed commit of a confirmed value is retried after these pauses (s) before it is given up:
+# about 20 s, longer than SQLite's 5 s busy timeout and a transient I/O error.
+COMMIT_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# The longest a session's end waits for its commits in flight.
+SETTLE_LIMIT_S = 60.0
 
 # A set clock that reads back further off than this was not really set (hass-omron #190).
 CLOCK_SET_TOLERANCE_S = 5.0
@@ -200,11 +205,6 @@ async def subscribe_and_drain(
     commit order is arrival order. The session ends when the device hangs up, goes quiet, or a
     commit fails (then at once: what the device has not sent yet stays in its memory).
     """
-    # Checked again here, after identity and clock: the disk may have filled since the
-    # connection was decided, and nothing is lost before the subscription.
-    blocked = await hooks.storage_blocked()
-    if blocked is not None:
-        raise StorageUnavailableError(blocked)
     loop = asyncio.get_running_loop()
     commits: set[asyncio.Task[None]] = set()
     activity = asyncio.Event()
@@ -217,13 +217,23 @@ async def subscribe_and_drain(
         except DecodeError as e:
             hooks.rejected(f"{uuid16:04x}", data, str(e))
             return
-        try:
-            await sink(measurement)
-        except Exception as e:
-            failed.append(e)
-            activity.set()
+        # The device has let go of this value: a failed commit (a lock held past the busy
+        # timeout, an I/O error) is retried, while the session ends at once so that the
+        # device keeps the rest. Only after every retry is it given up, and reported.
+        for delay in (*COMMIT_RETRY_S, None):
+            try:
+                await sink(measurement)
+            except Exception as e:
+                if not failed:
+                    failed.append(e)
+                    activity.set()
+                if delay is None:
+                    hooks.commit_failed(f"{uuid16:04x}", e)
+                    return
+                await asyncio.sleep(delay)
+                continue
+            hooks.committed(time.perf_counter() - arrived)
             return
-        hooks.committed(time.perf_counter() - arrived)
 
     def callback(uuid16: int, decode: Callable[[bytes], Measurement]
                  ) -> Callable[[BleakGATTCharacteristic, bytearray], None]:
@@ -260,13 +270,22 @@ async def _wake_on(event: asyncio.Event, activity: asyncio.Event) -> None:
 
 
 async def _settle(tasks: set[asyncio.Task[None]]) -> None:
-    """Wait for every commit in flight, even while being cancelled (their values were confirmed)."""
+    """Wait for every commit in flight, even while being cancelled (their values were confirmed).
+
+    Bounded: a store that hangs for good (a dead SD card) must not hold the agent's shutdown for
+    ever; commits still running then go on by themselves and report their own outcome.
+    """
     cancelled = False
-    while tasks:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_LIMIT_S
+    while tasks and loop.time() < deadline:
         try:
-            await asyncio.wait(set(tasks))
+            await asyncio.wait(set(tasks), timeout=max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
             cancelled = True
+    if tasks:
+        log.error("%d commit(s) still running after %.0f s; leaving them to finish",
+                  len(tasks), SETTLE_LIMIT_S)
     if cancelled:
         raise asyncio.CancelledError
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import signal
 import statistics
@@ -145,8 +146,10 @@ class Agent:
             return
         signature = _signature(adv)
         if address in self._adv_signature and self._adv_signature[address] != signature:
-            # Its advertisement changed (a record counter, a flag): it may have news, so the
-            # back-off after empty sessions ends.
+            # Its advertisement changed since the last session (a record counter, a flag): it
+            # may have news, so the back-off after empty sessions ends. Once per session: a
+            # device whose data alternates must not cancel its back-off on every advert.
+            del self._adv_signature[address]
             self._idle_runs.pop(address, None)
             self._cooldown_until.pop(address, None)
         if asyncio.get_running_loop().time() < self._cooldown_until.get(address, 0.0):
@@ -227,7 +230,8 @@ class Agent:
         ctx = SessionContext(self.cfg.radio, zone_now=self._local_now, clock_trusted=lambda: synced,
                              on_reject=self._rejected, known_info=self._known_info.get(address),
                              storage_blocked=self._storage_blocked,
-                             on_commit=self._commit_windows.append)
+                             on_commit=self._commit_windows.append,
+                             on_commit_failed=functools.partial(self._commit_failed, address))
         unattributed = 0
 
         async def handle(m: Measurement, c: SessionContext) -> None:
@@ -237,6 +241,7 @@ class Agent:
 
         brought = False
         failed = False
+        deferred = False
         try:
             stats = await run_session(radio, device, driver, self.cfg.radio, ctx, handle)
             brought = stats.stored > 0
@@ -255,6 +260,7 @@ class Agent:
                      address, stats.stored, stats.duplicates, stats.rejected, unattributed)
         except StorageUnavailableError as e:
             # Not the device's fault: it keeps its memory until the outbox can take it.
+            deferred = True
             entry.last_error = f"deferred: {e}"
         except SessionError as e:
             failed = True
@@ -270,8 +276,7 @@ class Agent:
             self._log_state.error(f"session {address}", "storage",
                                   "%s: could not store a reading; session ended, the device keeps "
                                   "the rest: %s", address, e)
-            self._storage_block = None  # ask the outbox again at once
-            await self._storage_blocked()
+            await self._storage_blocked()  # shut the gate now, not at the next check
         except Exception as e:
             # A driver bug must cost one session, never the agent. Its message may quote values
             # (a validation error does), so only the type above debug level.
@@ -285,8 +290,9 @@ class Agent:
         finally:
             entry.last_session = _now()
             self._active.discard(address)
-            self._cooldown_until[address] = (asyncio.get_running_loop().time()
-                                             + self._cooldown(address, brought=brought, failed=failed))
+            wait = (STORAGE_CHECK_S if deferred
+                    else self._cooldown(address, brought=brought, failed=failed))
+            self._cooldown_until[address] = asyncio.get_running_loop().time() + wait
             if unattributed:
                 self._event("unattributed_readings", {"device": address, "count": unattributed})
             self._refresh.set()
@@ -329,7 +335,6 @@ class Agent:
             self.status.duplicates += 1
         else:
             # The bound was reached mid-session: stop now, the device keeps the rest.
-            self._storage_block = None
             raise StorageUnavailableError("outbox full (when_full = reject_new)")
         return attributed
 
@@ -361,11 +366,13 @@ class Agent:
             reason = await self.outbox.accepting()
         except OutboxError as e:
             reason = f"storage failing: {e}"
-        if reason != self._storage_block or not self._storage_checked:
+        self.status.storage = reason or "ok"
+        # The state is the reason's kind ("disk nearly full", "outbox full", ...): the free
+        # MiB in its text move all the time and must not make a new event each time.
+        if _kind(reason) != _kind(self._storage_block) or not self._storage_checked:
             changed = self._storage_checked or reason is not None
             self._storage_checked = True
             self._storage_block = reason
-            self.status.storage = reason or "ok"
             if changed:
                 if reason is None:
                     log.warning("storage: the outbox can take readings again; devices are read")
@@ -399,6 +406,15 @@ class Agent:
         if windows:
             doc["commit_window_ms"] = _window_summary(windows)
         return doc
+
+    def _commit_failed(self, address: str, characteristic: str, error: BaseException) -> None:
+        # The device confirmed it and the store refused it for ~20 s: it is gone. Counted,
+        # logged and published so that nobody has to reason about whether it happened.
+        self.status.readings_lost += 1
+        log.error("%s: a reading on 0x%s could not be stored after every retry and is lost (%s)",
+                  address, characteristic, type(error).__name__)
+        self._event("reading_lost", {"device": address, "characteristic": characteristic,
+                                     "error": type(error).__name__})
 
     def _rejected(self, characteristic: str, raw: bytes, reason: str) -> None:
         self.status.decode_errors += 1
@@ -436,6 +452,11 @@ class Agent:
                 async with asyncio.timeout(HOUSEKEEPING_INTERVAL_S):
                     await self._refresh.wait()
             self._refresh.clear()
+
+def _kind(reason: str | None) -> str | None:
+    """The kind of a storage gate reason: its words before the first colon."""
+    return None if reason is None else reason.split(":", 1)[0]
+
 
 def _signature(adv: AdvertisementData) -> object:
     """What in an advertisement can announce news (vendor record counters, service data)."""

@@ -107,7 +107,8 @@ async def commit(outbox: Outbox, r: Reading, zone: ZoneInfo) -> PutResult:
     elif result is PutResult.STORED:
         log.info("reading %s stored (%s from %s)", r.reading_id, r.kind, r.device.address)
     elif result is PutResult.DUPLICATE:
-        log.info("reading %s already stored; device re-sent it", r.reading_id)
+        # Debug: a device that replays its memory every session would flood the journal.
+        log.debug("reading %s already stored; device re-sent it", r.reading_id)
     else:
         log.warning("reading %s rejected: outbox full", r.reading_id)
     return result

@@ -35,6 +35,8 @@ class HubStatus:
     stored: int = 0
     duplicates: int = 0
     decode_errors: int = 0
+    # Readings a device confirmed that could not be committed after every retry (should stay 0).
+    readings_lost: int = 0
     unattributed: int = 0  # readings of another user slot or "unknown user": kept, never published
     unknown_seen: set[str] = field(default_factory=set)
     # The outbox's own persisted counters (OutboxStats), refreshed after every session.
@@ -73,6 +75,7 @@ class HubStatus:
             "duplicates_ignored": self.duplicates,
             "decode_errors": self.decode_errors,
             "unattributed_readings": self.unattributed,
+            "readings_lost": self.readings_lost,
             "storage": self.storage,
             "outbox_recovery": self.outbox_recovery,
             "unknown_devices_seen": len(self.unknown_seen),

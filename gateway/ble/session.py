@@ -19,7 +19,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from drivers.base import ClockCheck, DeviceInfo, Driver, Measurement
+from drivers.base import ClockCheck, DeviceInfo, Driver, Measurement, StorageUnavailableError
 from gateway.ble.errors import BondLostError, SessionDeadlineError, SessionError, classify
 from gateway.ble.radio import Radio
 from gateway.config import RadioConfig
@@ -50,7 +50,8 @@ class SessionContext:
                  clock_trusted: Callable[[], bool], on_reject: Callable[[str, bytes, str], None],
                  known_info: DeviceInfo | None = None,
                  storage_blocked: Callable[[], Awaitable[str | None]] | None = None,
-                 on_commit: Callable[[float], None] | None = None) -> None:
+                 on_commit: Callable[[float], None] | None = None,
+                 on_commit_failed: Callable[[str, BaseException], None] | None = None) -> None:
         self.link_lost = asyncio.Event()
         # Identifies this connection for readings that carry no time stamp or sequence
         # (timebase.reading_id); set when the link comes up.
@@ -58,6 +59,7 @@ class SessionContext:
         self._occurrences: dict[tuple[str, bytes], int] = {}
         self._storage_blocked = storage_blocked
         self._on_commit = on_commit
+        self._on_commit_failed = on_commit_failed
         self.known_info = known_info
         self.op_timeout_s = cfg.operation_timeout_s
         self.quiet_s = cfg.quiet_s
@@ -99,6 +101,11 @@ class SessionContext:
         if self._on_commit is not None:
             self._on_commit(window_s)
 
+    def commit_failed(self, characteristic: str, error: BaseException) -> None:
+        """A confirmed value was given up after every retry."""
+        if self._on_commit_failed is not None:
+            self._on_commit_failed(characteristic, error)
+
     def occurrence(self, characteristic: str, raw: bytes) -> int:
         """How many identical values came before this one on this connection (0 for the first)."""
         key = (characteristic, raw)
@@ -129,6 +136,12 @@ async def run_session(
             connected = True
             ctx.connection_id = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
             try:
+                # Asked again once connected (the disk may have filled meanwhile) and before
+                # the driver sets the device clock: a clock set now but its records left on the
+                # device would date them by the wrong offset at the next session.
+                blocked = await ctx.storage_blocked()
+                if blocked is not None:
+                    raise StorageUnavailableError(blocked)
                 await driver.collect(client, sink, ctx)
             finally:
                 with contextlib.suppress(BleakError, TimeoutError, OSError):

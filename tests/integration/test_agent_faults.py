@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,3 +252,24 @@ async def test_a_device_with_two_supported_profiles_is_read_for_both(
             await sub.wait_for(2, timeout=15)
     kinds = sorted((r["kind"], r["device"]["driver"]) for r in sub.payloads())
     assert kinds == [("blood_pressure", "sig_blood_pressure"), ("body_weight", "sig_weight_scale")]
+
+
+async def test_a_commit_refused_by_a_lock_is_retried_not_dropped(
+    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+) -> None:
+    # Found in review: a confirmed value whose commit failed ("database is locked" past the
+    # 5 s busy timeout) was dropped without a retry, a count or an event.
+    sub = await mqtt_subscriber(mosquitto, READINGS)
+    async with VirtualRadio() as radio, running(config(tmp_path, mosquitto), radio) as agent:
+        await until(lambda: agent.status.storage == "ok")
+        locker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        cuff = demo_cuff(CUFF, readings=2)
+        await radio.add_peripheral(cuff)
+        await until(lambda: len(cuff.sent) >= 1, timeout=10)  # confirmed while locked
+        await asyncio.sleep(6)  # past SQLite's busy timeout: the first commit failed
+        locker.rollback()
+        locker.close()
+        await sub.wait_for(2, timeout=40)
+        assert agent.status.readings_lost == 0
+    assert cuff.unsent == 0
