@@ -337,13 +337,14 @@ class Outbox:
         if seqs:
             await self._write(self._mark_delivered_sync, list(seqs))
 
-    async def quarantine(self, seq: int, reason: str, retry_after_s: float | None) -> None:
+    async def quarantine(self, seq: int, reason: str, retry_after_s: float | None) -> bool:
         """Keep a row but hold it out of pending() until now + retry_after_s (None: for good).
 
         Idempotent; an unknown or delivered seq is ignored. A row quarantined for a checksum
-        mismatch stays quarantined for good.
+        mismatch stays quarantined for good. True when the row was not quarantined before (a
+        retry that is refused again returns False: count and report it once).
         """
-        await self._write(self._quarantine_sync, seq, reason, retry_after_s)
+        return await self._write(self._quarantine_sync, seq, reason, retry_after_s)
 
     async def accepting(self) -> str | None:
         """None if a new reading can be stored now, else why not (asked before every connection).
@@ -820,7 +821,7 @@ class Outbox:
 
     def _quarantine_sync(
         self, conn: sqlite3.Connection, seq: int, reason: str, retry_after_s: float | None
-    ) -> None:
+    ) -> bool:
         now = self._clock()
         retry = None if retry_after_s is None else _iso(now + timedelta(seconds=retry_after_s))
         reason = reason[:200] or "quarantined"
@@ -833,7 +834,7 @@ class Outbox:
         ).fetchone()
         if before is None:
             conn.execute("ROLLBACK")
-            return
+            return False
         conn.execute(
             "UPDATE readings SET quarantined_at = COALESCE(quarantined_at, ?),"
             " quarantine_reason = ?, retry_at = ? WHERE seq = ?",
@@ -844,6 +845,7 @@ class Outbox:
         # every reading; a line per row would flood the journal).
         log.debug("outbox: reading seq %d quarantined (%s); %s", seq, reason,
                 "no automatic retry" if retry is None else f"retry after {retry}")  # fmt: skip
+        return before[0] is None
 
     def _stats_sync(self, conn: sqlite3.Connection) -> OutboxStats:
         delivered = conn.execute(

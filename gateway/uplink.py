@@ -442,10 +442,12 @@ class Uplink:
     async def _set_aside(self, item: Pending, reason: str) -> None:
         # Kept in the outbox with its reason and offered again every quarantine_retry_s; the
         # drain goes on behind it. No payload in the log or the event: it is patient data.
-        await self._outbox.quarantine(item.seq, reason, self._cfg.quarantine_retry_s)
-        self._quarantine.record(item.seq, reason)
-        await self.publish_event("reading_quarantined", {"seq": item.seq, "reason": reason})
-        self.status_changed()
+        # A retry refused again is not news: counted and reported once per reading.
+        new = await self._outbox.quarantine(item.seq, reason, self._cfg.quarantine_retry_s)
+        self._quarantine.record(item.seq, reason, new=new)
+        if new:
+            await self.publish_event("reading_quarantined", {"seq": item.seq, "reason": reason})
+            self.status_changed()
 
     def _record_ack(self, seq: int, rc: ReasonCode) -> None:
         # Runs from the PUBACK itself, so a shutdown that cancels the delivery task still

@@ -34,11 +34,17 @@ class QuarantineBook:
         self._logged_at = -LOG_EVERY_S
         self._logged_count = 0
 
-    def record(self, seq: int, reason: str) -> None:
-        """A reading was quarantined in the outbox (seq and reason only: no patient data)."""
-        self.count += 1
+    def record(self, seq: int, reason: str, *, new: bool = True) -> None:
+        """A reading was quarantined in the outbox (seq and reason only: no patient data).
+
+        `new`: it was not quarantined before; a retry refused again only schedules the next.
+        """
         heapq.heappush(self._due, time.monotonic() + self._retry_s + _MARGIN_S)
         self.changed.set()
+        if not new:
+            self._log.debug("uplink: reading seq %d refused again (%s)", seq, reason)
+            return
+        self.count += 1
         now = time.monotonic()
         if now - self._logged_at < LOG_EVERY_S:
             self._log.debug("uplink: reading seq %d quarantined (%s)", seq, reason)

@@ -189,3 +189,20 @@ def test_puback_refusals_are_classified(code: int, transient: bool) -> None:
     # Quota and busy: retried soon. The rest, unknown codes included, are quarantined (kept,
     # retried rarely) so they cannot block the queue.
     assert is_transient(code) is transient
+
+
+async def test_a_retry_refused_again_is_not_counted_or_reported_again(
+    mosquitto: LocalBroker, outbox: Outbox
+) -> None:
+    # Found in review: every hourly retry of a refused reading counted it again and published
+    # another event (an ACL refusing 5,000 readings: 5,000 events an hour, for ever).
+    await outbox.put(make_item(1))
+    async with mqtt_front(mosquitto) as front:
+        front.reading_puback = 0x87
+        cfg = mqtt_cfg(front.host, front.port, quarantine_retry_s=0.3)
+        uplink = Uplink(cfg, HUB, outbox, status_provider)
+        async with running(uplink):
+            await eventually(lambda: uplink.counters.published >= 3, "offered again twice")
+            assert uplink.counters.quarantined == 1
+            assert uplink.broker_status()["quarantined"] == 1
+    assert (await outbox.stats()).quarantined == 1
