@@ -663,12 +663,23 @@ class Outbox:
         results: list[PutResult] = []
         rows: list[tuple[object, ...]] = []
         rejected = 0
+        claimed: list[tuple[object, ...]] = []
         for item, confirmed in items:
+            attributed = item.patient_id is not None
             if item.reading_id in seen:
+                if attributed and seen[item.reading_id]:
+                    # Kept unattributed before (a slot binding since corrected): the device
+                    # re-sent it and now a binding claims it, so it becomes publishable.
+                    claimed.append((item.patient_id, item.payload, _checksum(item.payload),
+                                    item.topic, item.measured_at, item.measured_day,
+                                    int(item.valid), item.reading_id))
+                    seen[item.reading_id] = False
+                    pending += 1
+                    results.append(PutResult.STORED)
+                    continue
                 log.debug("outbox: duplicate reading %s", item.reading_id)
                 results.append(PutResult.DUPLICATE)
                 continue
-            attributed = item.patient_id is not None
             # An unattributed reading is never published, so the bound on what waits for the
             # broker does not apply to it (its retention is keep_delivered_days).
             if (attributed and not confirmed and self._cfg.when_full == "reject_new"
@@ -678,7 +689,7 @@ class Outbox:
                           item.patient_id)
                 results.append(PutResult.REJECTED_FULL)
                 continue
-            seen.add(item.reading_id)
+            seen[item.reading_id] = not attributed
             pending += attributed
             rows.append((item.reading_id, item.topic, item.payload, item.patient_id, item.kind,
                          item.measured_at, item.measured_day, int(item.valid), now,
@@ -690,6 +701,12 @@ class Outbox:
             "INSERT INTO readings (reading_id, topic, payload, patient_id, kind, measured_at,"
             " measured_day, valid, created_at, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
+        )
+        conn.executemany(
+            "UPDATE readings SET patient_id = ?, payload = ?, checksum = ?, topic = ?,"
+            " measured_at = ?, measured_day = ?, valid = ?"
+            " WHERE reading_id = ? AND patient_id IS NULL",
+            claimed,
         )
         if self._cfg.when_full == "drop_oldest" and pending > self._cfg.max_pending:
             pending -= self._drop_oldest(conn, pending - self._cfg.max_pending, "over max_pending")
@@ -704,13 +721,15 @@ class Outbox:
         return results
 
     @staticmethod
-    def _existing_ids(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
-        found: set[str] = set()
+    def _existing_ids(conn: sqlite3.Connection, ids: list[str]) -> dict[str, bool]:
+        """The ids already stored, each with whether its row is unattributed."""
+        found: dict[str, bool] = {}
         for start in range(0, len(ids), _IN_CHUNK):
             chunk = ids[start : start + _IN_CHUNK]
             marks = ",".join("?" * len(chunk))
-            found.update(str(r[0]) for r in conn.execute(
-                f"SELECT reading_id FROM readings WHERE reading_id IN ({marks})", chunk))  # noqa: S608
+            found.update((str(r[0]), bool(r[1])) for r in conn.execute(
+                f"SELECT reading_id, patient_id IS NULL FROM readings"  # noqa: S608
+                f" WHERE reading_id IN ({marks})", chunk))
         return found
 
     def _full_reason(self, pending: int) -> str | None:

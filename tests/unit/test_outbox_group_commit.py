@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -60,4 +61,21 @@ async def test_a_failed_batch_fails_every_waiter_and_stores_none(tmp_path: Path)
         assert all(isinstance(r, Exception) for r in results)
         ob._conn.execute("PRAGMA query_only = 0")
         assert await ob.put(make_item(9)) is PutResult.STORED
+        assert (await ob.stats()).pending == 1
+
+
+async def test_an_unattributed_reading_claimed_later_becomes_publishable(tmp_path: Path) -> None:
+    # Found in review: a reading kept unattributed (a slot binding since corrected) stayed a
+    # "duplicate" for ever when the device re-sent it under a binding that claims it.
+    async with Outbox(tmp_path / "o.db", OutboxConfig()) as ob:
+        unattributed = dataclasses.replace(make_item(1), patient_id=None)
+        assert await ob.put(unattributed) is PutResult.STORED
+        assert await ob.pending(10) == []
+        assert await ob.put(make_item(1, patient_id="patient-1")) is PutResult.STORED
+        [row] = await ob.pending(10)
+        assert row.reading_id == "r-000001"
+        stats = await ob.stats()
+        assert (stats.pending, stats.unattributed) == (1, 0)
+        # And the other way round nothing changes: an attributed row stays the patient's.
+        assert await ob.put(unattributed) is PutResult.DUPLICATE
         assert (await ob.stats()).pending == 1
