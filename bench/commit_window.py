@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sqlite3
 import statistics
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.config import parse_config
+from gateway.sim.ledger import read_ledger
 
 SCALE = "C0:00:00:00:5C:01"
 
@@ -102,8 +102,7 @@ patient_id = "patient-bench"
         finally:
             agent.stop()
             await asyncio.wait_for(task, 30)
-    payloads = [bytes.fromhex(e["payload"]) for e in map(json.loads, ledger.read_text().splitlines())
-                if e.get("event") == "produced"]
+    payloads = [bytes.fromhex(e["payload"]) for e in read_ledger(ledger) if e["event"] == "produced"]
     return list(agent.commit_windows), payloads
 
 

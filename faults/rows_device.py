@@ -18,6 +18,7 @@ from faults.report import Row
 from faults.rig import CUFF, PATIENTS, SCALE, Ctx, Rig
 from faults.tally import Ledger, Tally, outbox_keys, tally
 from gateway.ble.errors import ADVICE_BOND, ADVICE_GATT, ADVICE_STOPPED, ADVICE_WEDGED
+from gateway.sim.ledger import read_ledger
 
 # The agent waits at least this long after a failed session (gateway/agent.py: 2 s doubled once).
 MIN_FAILED_GAP_S = 3.5
@@ -38,15 +39,7 @@ def links(rig: Rig) -> list[Link]:
     """Every connection in the ledger, with its end (None while still up), in order."""
     out: list[Link] = []
     open_: dict[str, int] = {}
-    try:
-        lines = (rig.dir / "ledger.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue  # a torn last line
+    for e in read_ledger(rig.dir / "ledger.jsonl"):
         dev = str(e.get("device", "")).upper()
         if e.get("event") == "connected":
             open_[dev] = len(out)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from faults.collect import Message
+from gateway.sim import ledger as sim_ledger
 
 # The oldest plausible measurement date and how far ahead of the hub a stamp may be.
 EARLIEST = dt.datetime(2010, 1, 1, tzinfo=dt.UTC)
@@ -47,15 +48,7 @@ def read_ledger(path: Path) -> Ledger:
     """Parse the JSON-lines ledger; a torn last line (writer killed) is ignored."""
     out = Ledger()
     by_index: dict[tuple[str, int], Record] = {}
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
+    for e in sim_ledger.read_ledger(path):
         ev, dev = e.get("event"), str(e.get("device", "")).upper()
         if ev == "produced":
             r = Record(dev, int(e.get("index", -1)), str(e.get("payload", "")), float(e["t"]))

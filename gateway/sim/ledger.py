@@ -73,9 +73,16 @@ class Ledger:
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
-    """Every complete event in a ledger file, in order (a torn last line is skipped)."""
+    """Every complete event in a ledger file, in order (a torn last line is skipped).
+
+    No file yet (the simulator not started, or killed before its first line) is no events.
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
