@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from drivers.codec.weight import USER_UNKNOWN
-
 if TYPE_CHECKING:
     from bleak import BleakClient
     from bleak.backends.device import BLEDevice
@@ -27,12 +25,6 @@ STATUS_FLAGS = (
     "pulse_below_range",
     "improper_position",
 )
-
-
-UNKNOWN_USER = USER_UNKNOWN
-"""The user id a device sends for "unknown user" (0xFF, health-devices.md §3.1, §4.1): kept as
-255 in the payload, never read as "the device cannot tell", so it is never filed under a patient
-whose binding names a slot."""
 
 
 class Observation(BaseModel):

@@ -333,9 +333,8 @@ class Agent:
         elif result is PutResult.DUPLICATE:
             ctx.stats.duplicates += 1
             self.status.duplicates += 1
-        else:
-            # The bound was reached mid-session: stop now, the device keeps the rest.
-            raise StorageUnavailableError("outbox full (when_full = reject_new)")
+        # No REJECTED_FULL: a confirmed reading is kept past the bound (the gate stops the
+        # next session instead), since the device has already let go of it.
         return attributed
 
     # -- reading gates ---------------------------------------------------------------------------
