@@ -85,9 +85,9 @@ async def agent_process(config: Path) -> AsyncIterator[asyncio.subprocess.Proces
             await proc.wait()
 
 
-async def stop(proc: asyncio.subprocess.Process) -> tuple[int, str]:
-    """SIGTERM, then the exit status and everything it logged."""
-    proc.send_signal(signal.SIGTERM)
+async def stop(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> tuple[int, str]:
+    """Signal the process (SIGTERM), then its exit status and everything it logged."""
+    proc.send_signal(sig)
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode is not None
     return proc.returncode, err.decode()

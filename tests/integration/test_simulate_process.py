@@ -21,10 +21,12 @@ import pytest
 
 from gateway.broker import LocalBroker
 from gateway.sim.ledger import read_ledger
+from tests.integration.test_agent_process import HUB, stop
+from tests.integration.test_agent_process import agent_process as agent
+from tests.integration.test_agent_process import write_config as agent_config
 
 pytestmark = pytest.mark.integration
 
-HUB = "hub-split"
 SCALE = "C0:00:00:00:5C:01"
 CUFF = "C0:00:00:00:BC:01"
 Subscribe = Callable[..., Awaitable[Any]]
@@ -47,54 +49,9 @@ async def simulate(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process
             await proc.wait()
 
 
-@contextlib.asynccontextmanager
-async def agent(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`rpm-gateway run` on a config; killed at the end if still running."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-async def stop(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> tuple[int, str]:
-    """Signal the process, then its exit status and stderr."""
-    proc.send_signal(sig)
-    _, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
-
-
 def write_config(tmp_path: Path, broker: LocalBroker, link: str) -> Path:
     """An agent on the simulate process's link, both devices bound to one patient."""
-    path = tmp_path / "gateway.toml"
-    path.write_text(f"""
-log_level = "info"
-[hub]
-id = "{HUB}"
-data_dir = "{tmp_path / 'state'}"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[radio]
-kind = "virtual"
-link = "{link}"
-quiet_s = 0.5
-[[devices]]
-address = "{SCALE}"
-patient_id = "patient-1"
-[[devices]]
-address = "{CUFF}"
-patient_id = "patient-1"
-""")
-    return path
+    return agent_config(tmp_path, broker, f'[radio]\nkind = "virtual"\nlink = "{link}"\nquiet_s = 0.5\n')
 
 
 def events(ledger: Path, kind: str) -> list[dict[str, Any]]:
@@ -211,7 +168,7 @@ async def test_simulate_att_error_option_reaches_the_devices_of_the_process(tmp_
                 SCALE, timeout=5, backend=VirtualScannerBackend, radio=radio)  # type: ignore[call-arg]
             assert device is not None
             async with BleakClient(device, timeout=5, backend=VirtualClientBackend,
-                                   radio=radio) as c:  # type: ignore[call-arg]
+                                   radio=radio) as c:
                 if attempt == 0:
                     with pytest.raises(BleakGATTProtocolError) as e:
                         await c.start_notify(weight, lambda _c, _d: None)
