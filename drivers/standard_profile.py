@@ -81,9 +81,13 @@ def needs_pairing(err: BaseException) -> bool:
     """Whether a GATT error means the link must be encrypted (bonded) first."""
     if isinstance(err, BleakGATTProtocolError):
         return err.code in _AUTH_CODES
-    # BlueZ words it "[org.bluez.Error.NotPermitted] Not paired" or quotes the ATT error.
+    # BlueZ: "[org.bluez.Error.NotPermitted] Not paired" (bleak leaves it a BleakDBusError). An
+    # AuthenticationFailed is a pairing that already failed: pairing again would not help.
+    if getattr(err, "dbus_error", None) == "org.bluez.Error.NotPermitted":
+        return "not paired" in str(err).lower()
     text = str(err).lower()
-    return any(w in text for w in ("authentication", "encryption", "not paired"))
+    return any(w in text for w in (
+        "insufficient authentication", "insufficient encryption", "not paired"))
 
 
 @dataclass(frozen=True)

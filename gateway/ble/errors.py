@@ -92,23 +92,75 @@ class GattError(SessionError):
     advice = ADVICE_GATT
 
 
-_BOND_WORDS = ("authentication", "pin or key missing", "key missing", "not paired", "encryption")
+ADVICE_STACK = (
+    "bluetoothd is not answering (stopped or restarting): it is retried with back-off; if this "
+    "lasts, check systemctl status bluetooth"
+)
+
+
+class StackUnavailableError(SessionError):
+    """bluetoothd is not on the bus (restarting, crashed) or the adapter is gone."""
+
+    kind = "stack_unavailable"
+    advice = ADVICE_STACK
+
+
+# BlueZ's D-Bus error names (src/error.c) and the texts it puts in them, by what they mean for
+# the technician. Kept in one place so a `dbus-monitor` trace from a real hub can check them.
+BLUEZ_BUSY = frozenset({"org.bluez.Error.InProgress", "org.bluez.Error.NotReady"})
+BLUEZ_AUTH = frozenset({
+    "org.bluez.Error.AuthenticationFailed", "org.bluez.Error.AuthenticationRejected",
+    "org.bluez.Error.AuthenticationCanceled", "org.bluez.Error.AuthenticationTimeout",
+    "org.bluez.Error.ConnectionAttemptFailed",
+})
+BLUEZ_GONE = frozenset({
+    "org.bluez.Error.DoesNotExist", "org.freedesktop.DBus.Error.UnknownObject",
+})
+DBUS_STACK_GONE = frozenset({
+    "org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.Disconnected",
+})
+BLUEZ_NOT_PAIRED = "not paired"  # NotPermitted's text for ATT 0x05/0x0C/0x0F (gatt-client.c)
+BLUEZ_ABORT_TEXTS = ("le-connection-abort-by-local", "le-connection-abort-by-remote")
+
+_BOND_WORDS = ("authentication", "pin or key missing", "key missing", BLUEZ_NOT_PAIRED,
+               "encryption")
 _BUSY_WORDS = ("inprogress", "in progress", "notready", "not ready", "busy")
+_GONE_WORDS = ("not found", "does not exist", "unknownobject", "unknown object")
 _ABORT_WORDS = (
     "abort", "disconnected during", "not connected", "connection canceled", "connection cancelled",
     "failed to discover services", "br-connection", "le-connection",
 )
 
 
+def dbus_error_name(err: BaseException) -> str | None:
+    """The D-Bus error name of a BleakDBusError (or anything carrying one), else None."""
+    name = getattr(err, "dbus_error", None)
+    return name if isinstance(name, str) else None
+
+
 def classify(address: str, err: BaseException, *, connected: bool) -> SessionError:
     """The named error for a BLE failure; `connected`: the link had come up before it."""
     text = str(err).lower().replace("_", " ")
     detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    name = dbus_error_name(err)
     if isinstance(err, TimeoutError):
         if connected:
             return DeviceStoppedAnsweringError(address, "a request timed out")
         return DeviceUnreachableError(
             address, "no connection came up (or finished its set-up) within the connect timeout")
+    if name in DBUS_STACK_GONE:
+        return StackUnavailableError(address, detail)
+    if name in BLUEZ_AUTH:
+        return BondLostError(address, detail)
+    if name in BLUEZ_BUSY:
+        return AdapterBusyError(address, detail)
+    if name in BLUEZ_GONE or (not connected and any(w in text for w in _GONE_WORDS)):
+        # bluetoothd dropped the device from its cache (not heard for a while): range.
+        return DeviceUnreachableError(address, "not heard recently (dropped from the "
+                                      "Bluetooth cache)")
+    if any(w in text for w in BLUEZ_ABORT_TEXTS):
+        return LinkAbortedError(address, detail)
     if any(w in text for w in _BOND_WORDS):
         return BondLostError(address, detail)
     if any(w in text for w in _BUSY_WORDS):

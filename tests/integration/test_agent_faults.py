@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from bleak.backends.device import BLEDevice
 from bumble.device import Connection
 from bumble.gatt import Characteristic, Service
 
@@ -33,14 +32,15 @@ from gateway.ble.session import SessionContext, run_session
 from gateway.broker import LocalBroker
 from gateway.config import RadioConfig
 from gateway.sim.radio import VirtualRadio
-from gateway.sim.wiring import VirtualBleakRadio
+from tests.integration import tiers
 from tests.integration.test_pipeline import CUFF, READINGS, SCALE, Subscribe, bp, config, running, until
 
 pytestmark = pytest.mark.integration
+tier = tiers.parametrised()
 
 
 async def test_guest_and_other_slot_readings_are_kept_unattributed_never_published(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     # Found: a cuff bound to slot 1 sent slots 1, 2 and 0xFF; the 0xFF reading ("unknown
     # user", a guest) was published under the patient.
@@ -49,7 +49,7 @@ async def test_guest_and_other_slot_readings_are_kept_unattributed_never_publish
         cuff = demo_cuff(CUFF, readings=[bp(141, 91, 108, 81, 9, user=2), bp(133, 85, 101, 77, 8,
                                          user=0xFF), bp(122, 79, 93, 66, 7, user=1)])
         await radio.add_peripheral(cuff)
-        async with running(config(tmp_path, mosquitto, cuff_slot=1), radio) as agent:
+        async with running(config(tmp_path, mosquitto, cuff_slot=1), radio, tier) as agent:
             await sub.wait_for(1, timeout=15)
             await until(lambda: agent.status.unattributed == 2)
             assert agent.outbox is not None
@@ -64,25 +64,25 @@ async def test_guest_and_other_slot_readings_are_kept_unattributed_never_publish
 
 
 async def test_a_binding_without_a_slot_takes_the_guest_reading_too(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     sub = await mqtt_subscriber(mosquitto, READINGS)
     async with VirtualRadio() as radio:
         cuff = demo_cuff(CUFF, readings=[bp(133, 85, 101, 77, 8, user=0xFF)])
         await radio.add_peripheral(cuff)
-        async with running(config(tmp_path, mosquitto), radio):
+        async with running(config(tmp_path, mosquitto), radio, tier):
             await sub.wait_for(1, timeout=15)
     assert sub.payloads()[0]["user_index"] == 255
 
 
 async def test_constant_advertiser_is_not_reconnected_every_few_seconds(
-    tmp_path: Path, mosquitto: LocalBroker
+    tier: str, tmp_path: Path, mosquitto: LocalBroker
 ) -> None:
     # Found: a device that keeps advertising got 6 sessions in 20 s, each with 0 readings.
     async with VirtualRadio() as radio:
         scale = demo_scale(SCALE, readings=[], pairing_mode=True, quiet_s=0.1)
         await radio.add_peripheral(scale)
-        async with running(config(tmp_path, mosquitto), radio) as agent:
+        async with running(config(tmp_path, mosquitto), radio, tier) as agent:
             await asyncio.sleep(12)
             sessions = agent.status.device(SCALE).sessions_ok
     # Back-off 2, 4, 8 s after empty sessions: at most 3 in 12 s (it was ~5 at a fixed 2 s).
@@ -90,7 +90,7 @@ async def test_constant_advertiser_is_not_reconnected_every_few_seconds(
 
 
 async def test_unreachable_device_gets_range_advice_not_the_bluetooth_stack(
-    radio: VirtualRadio,
+    tier: str, radio: VirtualRadio,
 ) -> None:
     # Found: a connect TimeoutError re-raised by tenacity read "session deadline passed; the
     # Bluetooth stack stopped answering", sending the technician to bluetoothd.
@@ -101,15 +101,16 @@ async def test_unreachable_device_gets_range_advice_not_the_bluetooth_stack(
     async def handle(*_: Any) -> None:
         raise AssertionError("nothing to read")
 
-    ghost = BLEDevice("C0:00:00:00:DE:AD", "gone", None)
-    with pytest.raises(DeviceUnreachableError) as err:
-        await run_session(VirtualBleakRadio(radio), ghost, SCALE_DRIVER, cfg, ctx, handle)
+    async with tiers.bleak_radio(tier, radio) as (bleak, _):
+        ghost = await tiers.seen_device(tier, "C0:00:00:00:DE:AD", "gone")
+        with pytest.raises(DeviceUnreachableError) as err:
+            await run_session(bleak, ghost, SCALE_DRIVER, cfg, ctx, handle)
     assert "within a few metres" in str(err.value)
     assert "bluetoothd" not in str(err.value)
 
 
 async def test_a_silent_device_is_stopped_answering_at_its_first_timeout_not_the_deadline(
-    radio: VirtualRadio,
+    tier: str, radio: VirtualRadio,
 ) -> None:
     # Found by the matrix (radio-never-answer-deadline): each identity and clock read timed out
     # in turn until the session deadline, which then blamed the Bluetooth stack. After an ATT
@@ -125,15 +126,16 @@ async def test_a_silent_device_is_stopped_answering_at_its_first_timeout_not_the
 
     loop = asyncio.get_running_loop()
     started = loop.time()
-    device = BLEDevice(SCALE, "SIM Scale", None)
-    with pytest.raises(DeviceStoppedAnsweringError) as err:
-        await run_session(VirtualBleakRadio(radio), device, SCALE_DRIVER, cfg, ctx, handle)
+    async with tiers.bleak_radio(tier, radio) as (bleak, _):
+        device = await tiers.seen_device(tier, SCALE, "SIM Scale")
+        with pytest.raises(DeviceStoppedAnsweringError) as err:
+            await run_session(bleak, device, SCALE_DRIVER, cfg, ctx, handle)
     assert loop.time() - started < 2  # one timed-out request (0.5 s), not nine in turn
     assert "bluetoothd" not in str(err.value)
 
 
 async def test_unknown_pinned_driver_is_logged_once_not_per_advertisement(
-    tmp_path: Path, mosquitto: LocalBroker, caplog: pytest.LogCaptureFixture
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Found: 292-568 ERROR lines in 6-7 s for a device no driver could take.
     cfg = config(tmp_path, mosquitto)
@@ -143,7 +145,7 @@ async def test_unknown_pinned_driver_is_logged_once_not_per_advertisement(
     async with VirtualRadio() as radio:
         scale = demo_scale(SCALE, readings=[], pairing_mode=True)
         await radio.add_peripheral(scale)
-        async with running(cfg, radio):
+        async with running(cfg, radio, tier):
             await asyncio.sleep(3)
     lines = [r for r in caplog.records if "no_such_driver" in r.getMessage()
              and r.levelno >= logging.WARNING]
@@ -151,12 +153,12 @@ async def test_unknown_pinned_driver_is_logged_once_not_per_advertisement(
 
 
 async def test_commit_window_is_measured_and_reported(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     sub = await mqtt_subscriber(mosquitto, READINGS)
     async with VirtualRadio() as radio:
         await radio.add_peripheral(demo_scale(SCALE, readings=3))
-        async with running(config(tmp_path, mosquitto), radio) as agent:
+        async with running(config(tmp_path, mosquitto), radio, tier) as agent:
             await sub.wait_for(3, timeout=15)
             window = agent._status_dict()["commit_window_ms"]
     assert isinstance(window, dict)
@@ -189,7 +191,7 @@ def fill(directory: Path, leave_bytes: int) -> Path:
 
 
 async def test_full_disk_no_device_is_drained_then_everything_arrives_when_space_returns(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     # Found: on a full disk, sessions kept draining devices into a store that could not write
     # (534 of 595 readings lost on a 2 MiB filesystem). Devices must keep their memory.
@@ -197,7 +199,7 @@ async def test_full_disk_no_device_is_drained_then_everything_arrives_when_space
     sub = await mqtt_subscriber(mosquitto, READINGS)
     with small_filesystem(tmp_path / "small", "8m") as data:
         cfg = config(data, mosquitto)
-        async with VirtualRadio() as radio, running(cfg, radio) as agent:
+        async with VirtualRadio() as radio, running(cfg, radio, tier) as agent:
             await until(lambda: agent.status.storage == "ok")
             filler = fill(data, 512 * 1024)  # below the 2 MiB floor
             await until(lambda: agent.status.storage != "ok", timeout=10)
@@ -239,7 +241,7 @@ class CuffWithScale(SimulatedBloodPressureMonitor):
 
 
 async def test_a_device_with_two_supported_profiles_is_read_for_both(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     # Found: a device advertising 0x1810 and 0x181D was refused as ambiguous (an ERROR per
     # advertisement), and with a pinned driver its second profile's readings were lost.
@@ -248,19 +250,19 @@ async def test_a_device_with_two_supported_profiles_is_read_for_both(
         cuff = demo_cuff(CUFF, readings=[bp(125, 81, 96, 70, 5)])
         combined = CuffWithScale(cuff.script, intermediate_frames=0)
         await radio.add_peripheral(combined)
-        async with running(config(tmp_path, mosquitto), radio):
+        async with running(config(tmp_path, mosquitto), radio, tier):
             await sub.wait_for(2, timeout=15)
     kinds = sorted((r["kind"], r["device"]["driver"]) for r in sub.payloads())
     assert kinds == [("blood_pressure", "sig_blood_pressure"), ("body_weight", "sig_weight_scale")]
 
 
 async def test_a_commit_refused_by_a_lock_is_retried_not_dropped(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     # Found in review: a confirmed value whose commit failed ("database is locked" past the
     # 5 s busy timeout) was dropped without a retry, a count or an event.
     sub = await mqtt_subscriber(mosquitto, READINGS)
-    async with VirtualRadio() as radio, running(config(tmp_path, mosquitto), radio) as agent:
+    async with VirtualRadio() as radio, running(config(tmp_path, mosquitto), radio, tier) as agent:
         await until(lambda: agent.status.storage == "ok")
         locker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")  # another process holding the write lock

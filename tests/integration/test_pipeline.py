@@ -22,9 +22,10 @@ from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.config import GatewayConfig, parse_config
 from gateway.sim.radio import VirtualRadio
-from gateway.sim.wiring import VirtualBleakRadio
+from tests.integration import tiers
 
 pytestmark = pytest.mark.integration
+tier = tiers.parametrised()
 
 HUB = "hub-test"
 CUFF = "C0:00:00:00:BC:01"
@@ -73,15 +74,10 @@ def bp(sys: int, dia: int, mean: int, pulse: int, minutes_ago: int, status: int 
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: GatewayConfig, radio: VirtualRadio) -> AsyncIterator[Agent]:
-    """The agent on an already-open virtual radio; stopped cleanly at the end."""
-    agent = Agent(cfg, radio=VirtualBleakRadio(radio))
-    task = asyncio.create_task(agent.run())
-    try:
+async def running(cfg: GatewayConfig, radio: VirtualRadio, tier: str = "virtual") -> AsyncIterator[Agent]:
+    """The agent on an already-open virtual radio through `tier`; stopped cleanly at the end."""
+    async with tiers.running_agent(cfg, radio, tier) as (agent, _bluez):
         yield agent
-    finally:
-        agent.stop()
-        await asyncio.wait_for(task, 15)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -92,7 +88,7 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 async def test_cuff_reading_arrives_with_the_right_values(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     sub = await mqtt_subscriber(mosquitto, READINGS)
     async with VirtualRadio() as radio:
@@ -100,7 +96,7 @@ async def test_cuff_reading_arrives_with_the_right_values(
         cuff = demo_cuff(CUFF, readings=[bp(128, 82, 97, 64, minutes_ago=3, status=0x0004)],
                          clock_offset_s=120)
         await radio.add_peripheral(cuff)
-        async with running(config(tmp_path, mosquitto), radio):
+        async with running(config(tmp_path, mosquitto), radio, tier):
             (msg,) = await sub.wait_for(1, timeout=15)
     r = sub.payloads()[0]
     assert r["patient_id"] == "patient-1"
@@ -123,7 +119,7 @@ async def test_cuff_reading_arrives_with_the_right_values(
 
 
 async def test_broker_down_readings_wait_in_the_outbox(
-    tmp_path: Path, broker_factory: Callable[..., Awaitable[LocalBroker]],
+    tier: str, tmp_path: Path, broker_factory: Callable[..., Awaitable[LocalBroker]],
     mqtt_subscriber: Subscribe
 ) -> None:
     broker = await broker_factory(persistence=True)
@@ -132,7 +128,7 @@ async def test_broker_down_readings_wait_in_the_outbox(
     async with VirtualRadio() as radio:
         scale = demo_scale(SCALE, readings=3)
         await radio.add_peripheral(scale)
-        async with running(config(tmp_path, broker), radio) as agent:
+        async with running(config(tmp_path, broker), radio, tier) as agent:
             await until(lambda: agent.status.stored == 3)
             assert agent.outbox is not None
             assert (await agent.outbox.stats()).pending == 3
@@ -148,7 +144,7 @@ async def test_broker_down_readings_wait_in_the_outbox(
 
 
 async def test_agent_restart_mid_stream_loses_nothing_and_keeps_ids(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     sub = await mqtt_subscriber(mosquitto, READINGS)
     async with VirtualRadio() as radio:
@@ -156,12 +152,12 @@ async def test_agent_restart_mid_stream_loses_nothing_and_keeps_ids(
         scale = demo_scale(SCALE, readings=6, resend_stored=True, drop_link_after=3)
         await radio.add_peripheral(scale)
         cfg = config(tmp_path, mosquitto)
-        async with running(cfg, radio) as first:
+        async with running(cfg, radio, tier) as first:
             await until(lambda: first.status.stored >= 3)
         # The first agent is gone mid-stream (the link also dropped after 3). A new one starts
         # on the same disk; the scale re-sends everything on the next measurement.
         await scale.measure(WeightMeasurement(imperial=False, weight_raw=16_400))  # 82.0 kg
-        async with running(cfg, radio) as second:
+        async with running(cfg, radio, tier) as second:
             await sub.wait_until(lambda m: len({_id(x) for x in m}) >= 7, timeout=20)
             await until(lambda: second.status.device(SCALE).sessions_ok >= 1)
     ids = [_id(m) for m in sub.messages]
@@ -176,14 +172,14 @@ def _id(message: Any) -> str:
 
 
 async def test_resent_stored_readings_produce_no_new_reading_ids(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     sub = await mqtt_subscriber(mosquitto, READINGS)
     async with VirtualRadio() as radio:
         cuff = demo_cuff(CUFF, readings=[bp(121, 78, 91, 85, 30), bp(125, 80, 95, 70, 20)],
                          resend_stored=True)
         await radio.add_peripheral(cuff)
-        async with running(config(tmp_path, mosquitto), radio) as agent:
+        async with running(config(tmp_path, mosquitto), radio, tier) as agent:
             await sub.wait_for(2, timeout=15)
             await cuff.wait_disconnected(timeout=10)
             await cuff.measure(bp(130, 85, 100, 66, 0))  # a new one; the cuff re-sends all three
@@ -198,7 +194,7 @@ async def test_resent_stored_readings_produce_no_new_reading_ids(
 
 
 async def test_neighbours_device_never_reaches_the_broker(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     sub = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/#")
     async with VirtualRadio() as radio:
@@ -206,7 +202,7 @@ async def test_neighbours_device_never_reaches_the_broker(
         theirs = demo_cuff(NEIGHBOUR, readings=[bp(150, 95, 113, 90, 5)], bonding_required=False)
         await radio.add_peripheral(ours)
         await radio.add_peripheral(theirs)
-        async with running(config(tmp_path, mosquitto), radio) as agent:
+        async with running(config(tmp_path, mosquitto), radio, tier) as agent:
             await sub.wait_until(lambda m: any(x.topic.matches(READINGS) for x in m), timeout=15)
             await until(lambda: len(agent.status.unknown_seen) >= 1)
             await asyncio.sleep(1.0)  # give a wrong connection every chance to happen
@@ -219,27 +215,27 @@ async def test_neighbours_device_never_reaches_the_broker(
 
 
 async def test_garbage_is_counted_and_good_readings_still_flow(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     sub = await mqtt_subscriber(mosquitto, READINGS)
     async with VirtualRadio() as radio:
         cuff = demo_cuff(CUFF, readings=[bp(118, 76, 90, 60, 9), b"\x1e\x80", bp(119, 77, 91, 61, 8)])
         await radio.add_peripheral(cuff)
-        async with running(config(tmp_path, mosquitto), radio) as agent:
+        async with running(config(tmp_path, mosquitto), radio, tier) as agent:
             await sub.wait_for(2, timeout=15)
             await until(lambda: agent.status.decode_errors == 1)
     assert [r["observations"][0]["value"] for r in sub.payloads()] == [118.0, 119.0]
 
 
 async def test_shared_cuff_only_the_bound_user_slot_is_published(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     sub = await mqtt_subscriber(mosquitto, READINGS)
     async with VirtualRadio() as radio:
         # The patient is user 1; a spouse measures on the same cuff as user 2.
         cuff = demo_cuff(CUFF, readings=[bp(140, 90, 107, 80, 6, user=2), bp(122, 79, 93, 66, 5)])
         await radio.add_peripheral(cuff)
-        async with running(config(tmp_path, mosquitto, cuff_slot=1), radio) as agent:
+        async with running(config(tmp_path, mosquitto, cuff_slot=1), radio, tier) as agent:
             await sub.wait_for(1, timeout=15)
             await until(lambda: agent.status.unattributed == 1)
             await asyncio.sleep(0.3)
@@ -247,7 +243,7 @@ async def test_shared_cuff_only_the_bound_user_slot_is_published(
 
 
 async def test_radio_quiet_s_ends_a_session_with_a_device_that_never_hangs_up(
-    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+    tier: str, tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
 ) -> None:
     # Some devices stay connected after sending; the configured silence (0.5 s here) must end
     # the session, not a constant in the driver (it used to wait 5 s whatever the config said).
@@ -255,7 +251,7 @@ async def test_radio_quiet_s_ends_a_session_with_a_device_that_never_hangs_up(
     async with VirtualRadio() as radio:
         cuff = demo_cuff(CUFF, readings=[bp(120, 80, 93, 70, 5)], quiet_s=60, idle_timeout_s=60)
         await radio.add_peripheral(cuff)
-        async with running(config(tmp_path, mosquitto), radio) as agent:
+        async with running(config(tmp_path, mosquitto), radio, tier) as agent:
             await sub.wait_for(1, timeout=15)
             await until(lambda: agent.status.device(CUFF).sessions_ok == 1, timeout=3)
             assert cuff.connection_count == 1

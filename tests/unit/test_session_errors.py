@@ -5,8 +5,15 @@ from __future__ import annotations
 import logging
 
 import pytest
-from bleak.exc import BleakError
+from bleak.exc import (
+    BleakDBusError,
+    BleakDeviceNotFoundError,
+    BleakError,
+    BleakGATTProtocolError,
+    BleakGATTProtocolErrorCode,
+)
 
+from drivers.standard_profile import needs_pairing
 from gateway.ble.errors import (
     AdapterBusyError,
     BondLostError,
@@ -14,6 +21,7 @@ from gateway.ble.errors import (
     DeviceUnreachableError,
     GattError,
     LinkAbortedError,
+    StackUnavailableError,
     classify,
 )
 from gateway.lograte import StateLog
@@ -31,6 +39,26 @@ A = "C0:00:00:00:BC:01"
     (BleakError("[org.bluez.Error.NotPermitted] Not paired"), True, BondLostError),
     (BleakError(f"authentication failed: {A} did not accept the stored bond"), False, BondLostError),
     (BleakError("ATT error 0x0e (Unlikely Error)"), True, GattError),
+    # BleakDBusError exactly as bleak's BlueZ backend raises it from bluetoothd's reply.
+    (BleakDBusError("org.bluez.Error.InProgress", ["Operation already in progress"]), False,
+     AdapterBusyError),
+    (BleakDBusError("org.bluez.Error.NotReady", ["Resource Not Ready"]), False, AdapterBusyError),
+    (BleakDBusError("org.bluez.Error.Failed", ["le-connection-abort-by-local"]), False,
+     LinkAbortedError),
+    (BleakDBusError("org.bluez.Error.NotPermitted", ["Not paired"]), True, BondLostError),
+    (BleakDBusError("org.bluez.Error.Failed", ["Authentication Failed"]), False, BondLostError),
+    (BleakDBusError("org.bluez.Error.AuthenticationTimeout", ["Authentication Timeout"]), True,
+     BondLostError),
+    (BleakDBusError("org.bluez.Error.AuthenticationRejected", ["Authentication Rejected"]), True,
+     BondLostError),
+    (BleakDBusError("org.freedesktop.DBus.Error.UnknownObject", ["Method call on unknown object"]),
+     False, DeviceUnreachableError),
+    (BleakDeviceNotFoundError(A, "device 'dev_C0_00_00_00_BC_01' not found"), False,
+     DeviceUnreachableError),
+    (BleakDBusError("org.freedesktop.DBus.Error.ServiceUnknown",
+                    ["The name org.bluez was not provided by any .service files"]), False,
+     StackUnavailableError),
+    (BleakDBusError("org.bluez.Error.Failed", ["Not connected"]), True, LinkAbortedError),
 ])
 def test_classify(err: BaseException, connected: bool, kind: type) -> None:
     e = classify(A, err, connected=connected)
@@ -74,3 +102,18 @@ def test_a_refused_bond_is_not_retried_on_the_spot() -> None:
     assert _transient(TimeoutError())
     assert _transient(BleakError("le-connection-abort-by-local"))
     assert not _transient(BleakError(f"authentication failed: {A} did not accept the stored bond"))
+
+
+@pytest.mark.parametrize(("err", "expected"), [
+    (BleakDBusError("org.bluez.Error.NotPermitted", ["Not paired"]), True),
+    (BleakDBusError("org.bluez.Error.NotPermitted", ["Read not permitted"]), False),
+    # A pairing that already failed: pairing again at once would not help.
+    (BleakDBusError("org.bluez.Error.Failed", ["Authentication Failed"]), False),
+    (BleakDBusError("org.bluez.Error.AuthenticationFailed", ["Authentication Failed"]), False),
+    (BleakGATTProtocolError(BleakGATTProtocolErrorCode.INSUFFICIENT_ENCRYPTION), True),
+    (BleakGATTProtocolError(BleakGATTProtocolErrorCode.INSUFFICIENT_AUTHENTICATION), True),
+    (BleakGATTProtocolError(BleakGATTProtocolErrorCode.READ_NOT_PERMITTED), False),
+])
+def test_needs_pairing_reads_bluez_errors(err: BaseException, expected: bool) -> None:
+    # Issue 6: checked against BlueZ, needs_pairing() said False for "Not paired".
+    assert needs_pairing(err) is expected
