@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck unit mosquitto faketime schema clean faults faults-long bench
+.PHONY: venv demo test lint typecheck unit mosquitto faketime dbus schema clean faults faults-long bench
 
 venv: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/rpm-gateway demo
 
-test: venv mosquitto faketime lint typecheck
+test: venv mosquitto faketime dbus lint typecheck
 	$(BIN)/pytest -q
 
 lint: venv
@@ -59,6 +59,16 @@ mosquitto:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
 	else \
 	  echo "mosquitto is needed for the tests: sudo apt-get install mosquitto"; exit 1; \
+	fi
+
+# The BlueZ tier of the tests runs bleak's BlueZ backend over a private dbus-daemon.
+dbus:
+	@if command -v dbus-daemon >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing dbus with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dbus; \
+	else \
+	  echo "dbus-daemon is needed for the BlueZ tests: sudo apt-get install dbus"; exit 1; \
 	fi
 
 # Regenerate the published JSON Schema of the payload after changing gateway/models.py.

@@ -95,6 +95,9 @@ AttErrorTarget = Literal["info", "cccd"]
 SilentFrom = Literal["connect", "session"]
 """Where a never-answering device goes silent: from the link's start, or after discovery."""
 
+PairingIo = Literal["none", "display_yes_no"]
+"""What the device has for pairing: nothing (Just Works) or a display and a yes/no button."""
+
 SILENT_HOLD_S = 600.0
 """How long a never-answering device holds the link before hanging up (the hub should go first)."""
 
@@ -130,6 +133,9 @@ class SimScript(Generic[R]):
     clock_writable: bool = True
     bonding_required: bool = False  # measurement CCCDs need an encrypted link
     accept_pairing: bool = True
+    # "display_yes_no": a display and a yes/no button, so pairing with a hub that also has
+    # them is numeric comparison (MITM-protected) instead of Just Works.
+    pairing_io: PairingIo = "none"
     drop_link_after: int | None = None  # once: drop the link after N indications
     quiet_s: float = 0.3  # idle time after the last indication before hanging up
     idle_timeout_s: float = 5.0  # how long to wait for the hub to subscribe before hanging up
@@ -247,21 +253,30 @@ class _Link(Generic[R]):
 
 
 class _SimPairingDelegate(PairingDelegate):
-    """Just Works (no input, no output), accepting or refusing per the script."""
+    """Just Works (no input, no output) or numeric comparison, accepting or refusing per the script."""
 
-    def __init__(self, accept: bool) -> None:
+    def __init__(self, accept: bool, io: PairingIo = "none") -> None:
         # No identity key: the device keeps its static address, and an IRK would make bumble's
         # central scan for a resolvable address before every reconnection.
         super().__init__(
-            io_capability=PairingDelegate.IoCapability.NO_OUTPUT_NO_INPUT,
+            io_capability=(PairingDelegate.IoCapability.DISPLAY_OUTPUT_AND_YES_NO_INPUT
+                           if io == "display_yes_no"
+                           else PairingDelegate.IoCapability.NO_OUTPUT_NO_INPUT),
             local_responder_key_distribution=(
                 PairingDelegate.KeyDistribution.DISTRIBUTE_ENCRYPTION_KEY
             ),
         )
         self._accept = accept
+        self.compared: list[int] = []  # the six-digit numbers shown, one per numeric comparison
 
     async def accept(self) -> bool:
         """Whether the device agrees to pair."""
+        return self._accept
+
+    async def compare_numbers(self, number: int, digits: int) -> bool:
+        """The patient presses "yes" on the device (or not, per the script)."""
+        del digits
+        self.compared.append(number)
         return self._accept
 
 
@@ -318,6 +333,8 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         self.clock_writes: list[DateTime] = []
         """Every time value the hub wrote to the device clock, in order."""
         self.connection_count = 0
+        self.pairing_delegate = _SimPairingDelegate(script.accept_pairing, script.pairing_io)
+        """Answers the hub's pairing; `.compared` holds the numbers of numeric comparisons."""
         self._pairing_mode = script.pairing_mode
         self._drop_after = script.drop_link_after
         self._forget_after = script.forget_bond_after
@@ -450,10 +467,10 @@ class SimulatedDevice(abc.ABC, Generic[R]):
         device.on_confirmation = self._on_confirmation
         device.swallow = self._swallow
         device.gatt_server.max_mtu = self.script.mtu
-        delegate = _SimPairingDelegate(self.script.accept_pairing)
+        delegate = self.pairing_delegate
         device.pairing_config_factory = lambda _connection: PairingConfig(
             sc=True,
-            mitm=False,
+            mitm=self.script.pairing_io != "none",
             bonding=True,
             delegate=delegate,
             identity_address_type=PairingConfig.AddressType.RANDOM,

@@ -18,6 +18,20 @@ Two terminals::
 
 Bonds live in the agent's (in-memory) key store, so a restarted agent has none: the cuff keeps
 its old keys and accepts re-pairing (Just Works) from the same hub address, as the test shows.
+
+With ``--bluez`` the process runs the production radio path's far side instead: a private
+D-Bus system bus (Debian's dbus-daemon), the BlueZ stand-in owning ``org.bluez`` on it
+(gateway.sim.bluez) and the devices behind it, and prints ``READY unix:path=...``. An agent
+with ``[radio] kind = "bluez"`` and ``DBUS_SYSTEM_BUS_ADDRESS`` set to that address then runs
+bleak's real BlueZ backend end to end::
+
+    $ rpm-gateway simulate -- --bluez --devices scale,cuff --bonding
+    READY unix:path=/tmp/rpm-gateway-dbus-.../bus,guid=...
+
+    $ DBUS_SYSTEM_BUS_ADDRESS='unix:path=/tmp/...' rpm-gateway run --config gateway.toml
+
+There SIGHUP restarts the stand-in as a bluetoothd restart would (links drop, bonds stay) and
+SIGUSR1 power-cycles its adapter, for trying the agent's recovery by hand.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import datetime as dt
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -40,8 +54,11 @@ from drivers.codec.weight import WeightMeasurement
 from drivers.simulated.blood_pressure import demo_bp_readings, demo_cuff
 from drivers.simulated.device import SimulatedDevice
 from drivers.simulated.weight_scale import demo_scale, demo_weight_readings
+from gateway.sim.bluez.bus import PrivateBus
+from gateway.sim.bluez.daemon import BluezStandIn
 from gateway.sim.field import DeviceField
 from gateway.sim.ledger import Ledger
+from gateway.sim.radio import VirtualRadio
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", type=Path, default=None, metavar="PATH",
                    help="append one JSON line per device event (produced, confirmed, "
                         "connected, disconnected)")
+    p.add_argument("--bluez", action="store_true",
+                   help="serve the devices through a BlueZ stand-in on a private D-Bus system "
+                        "bus (prints its address) instead of HCI over TCP")
+    p.add_argument("--bus-address", default=None, metavar="ADDRESS",
+                   help="with --bluez: own org.bluez on this existing bus instead of starting "
+                        "a private dbus-daemon")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    default="warning", help="logging on stderr")
     return p
@@ -264,32 +287,70 @@ async def _measure(device: SimulatedDevice[Any], frames: list[Frame], interval: 
 
 
 async def run(args: argparse.Namespace, ready: Callable[[str], None]) -> None:
-    """Serve the devices until SIGTERM/SIGINT; `ready` gets "tcp:HOST:PORT" once serving."""
+    """Serve the devices until SIGTERM/SIGINT; `ready` gets the link (tcp:… or unix:…)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     with contextlib.ExitStack() as stack:
         ledger = stack.enter_context(Ledger(args.ledger)) if args.ledger else None
-        async with DeviceField() as field:
+        async with contextlib.AsyncExitStack() as field_stack:
+            field: DeviceField | VirtualRadio
+            if args.bluez:
+                field = await field_stack.enter_async_context(VirtualRadio())
+            else:
+                field = await field_stack.enter_async_context(DeviceField())
             makers = {kind: FrameMaker(kind, args) for kind in args.devices}
             devices = {kind: make_device(kind, args, makers[kind]) for kind in args.devices}
             for device in devices.values():
                 device.observe(ledger)
                 await field.add_peripheral(device)
-            host, port = await field.serve(*args.listen)
+            if isinstance(field, VirtualRadio):
+                link = await _serve_bluez(field, args.bus_address, field_stack)
+            else:
+                host, port = await field.serve(*args.listen)
+                link = f"tcp:{host}:{port}"
             tasks = [asyncio.create_task(_measure(devices[k], makers[k].scheduled(),
                                                   args.interval, not args.no_timestamp))
                      for k in args.devices]
-            ready(f"tcp:{host}:{port}")
+            ready(link)
             try:
                 await stop.wait()
             finally:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         loop.remove_signal_handler(sig)
+
+
+async def _serve_bluez(
+    radio: VirtualRadio, bus_address: str | None, stack: contextlib.AsyncExitStack
+) -> str:
+    """The stand-in on a private bus (or `bus_address`); SIGHUP restarts it, SIGUSR1 power-cycles."""
+    if bus_address is None:
+        bus = await stack.enter_async_context(PrivateBus())
+        bus_address = bus.address
+    bluez = await stack.enter_async_context(BluezStandIn(radio, bus_address=bus_address))
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    def spawn(what: str, make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        async def step() -> None:
+            log.warning("bluez stand-in: %s", what)
+            await make()
+
+        task = loop.create_task(step())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    async def power_cycle() -> None:
+        await bluez.power(False)
+        await bluez.power(True)
+
+    loop.add_signal_handler(signal.SIGHUP, spawn, "restarting (as bluetoothd would)", bluez.restart)
+    loop.add_signal_handler(signal.SIGUSR1, spawn, "power-cycling the adapter", power_cycle)
+    return bus_address
 
 
 def main(argv: list[str]) -> int:
@@ -308,7 +369,7 @@ def main(argv: list[str]) -> int:
 
     try:
         asyncio.run(run(args, ready))
-    except OSError as e:  # the port is taken, the ledger cannot be written...
+    except (OSError, RuntimeError) as e:  # port taken, ledger unwritable, no dbus-daemon...
         print(f"rpm-gateway simulate: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place

@@ -119,6 +119,11 @@ class BluezStandIn:
         """Whether the stand-in owns org.bluez right now."""
         return self._bus is not None
 
+    @property
+    def discovering(self) -> bool:
+        """Whether the adapter is scanning for some client right now."""
+        return self._scanning
+
     async def start(self) -> None:
         """Take org.bluez, export the adapter and every bonded device (bluetoothd starting)."""
         if self._bus is not None:
