@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -620,9 +621,17 @@ class BluezStandIn:
         remote, char = self._characteristic(path)
         if char.acquired:
             raise DBusError(policy.ERR_IN_PROGRESS, "Notify acquired")
+        fd = notify_socket(char)  # before subscribing: the first value may come at once
         if not char.senders:
-            await self._subscribe(remote, char)
-        return notify_socket(char), remote.mtu
+            try:
+                await self._subscribe(remote, char)
+            except BaseException:
+                os.close(fd)
+                for sock in char.acquired:
+                    sock.close()
+                char.acquired.clear()
+                raise
+        return fd, remote.mtu
 
     # -- D-Bus plumbing ----------------------------------------------------------------------
 
@@ -652,7 +661,11 @@ class BluezStandIn:
             return
         try:
             signature, body = await self._dispatch(msg)
-            reply = Message.new_method_return(msg, signature, body)
+            fds = [body[0]] if signature.startswith("h") else []  # an fd goes as index 0
+            reply = Message(
+                message_type=MessageType.METHOD_RETURN, reply_serial=msg.serial,
+                destination=msg.sender, signature=signature,
+                body=[0, *body[1:]] if fds else body, unix_fds=fds)
         except DBusError as e:
             reply = Message.new_error(msg, e.type, e.text)
         except Exception as e:
@@ -662,6 +675,8 @@ class BluezStandIn:
             return
         if self._bus is bus:
             await bus.send(reply)
+        for fd in reply.unix_fds:
+            os.close(fd)  # dbus-fast has sent its own copy
 
     async def _dispatch(self, msg: Message) -> tuple[str, list[Any]]:
         interface, member, path, sender = msg.interface, msg.member, msg.path or "", msg.sender
