@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import commit_window
+from bench import commit_window, radio_cycle
 
 RESULTS = Path(__file__).with_name("results.json")
-BENCHES = {"commit_window": commit_window.run}
+BENCHES = {"commit_window": commit_window.run, "radio_cycle": radio_cycle.run}
 
 
 def main(argv: list[str] | None = None) -> int:
