@@ -10,17 +10,21 @@ import functools
 import logging
 import signal
 import statistics
+import time
 from collections import deque
 from collections.abc import Callable
 
+from bleak import BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
 from drivers import registry as drivers
 from drivers.base import DeviceInfo, Driver, Measurement, StorageUnavailableError
 from drivers.standard_profile import CombinedDriver
+from gateway.ble.adapter_control import AdapterControlError
 from gateway.ble.errors import BondLostError, SessionError
 from gateway.ble.radio import Radio, open_radio
+from gateway.ble.recovery import RecoveryLadder, Step
 from gateway.ble.session import SessionContext, run_session
 from gateway.config import DeviceBinding, GatewayConfig
 from gateway.intake import belongs_to, build_reading, commit
@@ -48,6 +52,16 @@ SCAN_RETRY_MIN_S = 2.0
 SCAN_RETRY_MAX_S = 60.0
 ADVICE_RADIO = ("check that bluetoothd is running (systemctl status bluetooth), that the adapter "
                 "is present (bluetoothctl list) and not blocked (rfkill list)")
+# The radio watchdog looks this often (or every tenth of radio.scan_silence_s if that is less).
+RADIO_CHECK_S = 5.0
+RADIO_CHECK_MIN_S = 0.2
+# Upper bound for one scanner start or stop (a wedged BlueZ must not hang the scan loop).
+SCANNER_OP_TIMEOUT_S = 30.0
+# Upper bound for a power cycle or bluetoothd restart (each also bounds itself).
+ADAPTER_CONTROL_TIMEOUT_S = 90.0
+_STEP_WORDS = {Step.RESTART_DISCOVERY: "restarting discovery",
+               Step.POWER_CYCLE: "power-cycling the adapter",
+               Step.RESTART_BLUETOOTH: "restarting bluetooth.service"}
 # Drift worth telling the clinic about: beyond it a reading's minute, even day, is in doubt.
 CLOCK_DRIFT_EVENT_S = 60.0
 
@@ -81,6 +95,16 @@ class Agent:
         self._commit_windows: deque[float] = deque(maxlen=COMMIT_WINDOWS_KEPT)
         # One line per change of state, then rate-limited: a flood fills the SD card.
         self._log_state = StateLog(log)
+        radio_cfg = cfg.radio
+        self._ladder = RecoveryLadder(radio_cfg.scan_silence_s,
+                                      max_interval_s=radio_cfg.recovery_max_interval_s,
+                                      restart_bluetooth=radio_cfg.recovery_restart_bluetooth,
+                                      now=time.monotonic())
+        self._rescan = asyncio.Event()  # set: the scan loop drops its scanner and opens a new one
+        self._scan_attempts = 0
+        # A restart of discovery waits here for the outcome of scan attempt >= the number.
+        self._rescan_waiter: tuple[int, asyncio.Future[str | None]] | None = None
+        self._scan_error: str | None = None  # why the scanner last failed to start, until it starts
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
 
@@ -120,6 +144,7 @@ class Agent:
                         tg.create_task(self.uplink.run(), name="uplink")
                         tg.create_task(self._watch_storage(), name="storage gate")
                         tg.create_task(self._scan(radio), name="scanner")
+                        tg.create_task(self._watch_radio(radio), name="radio watchdog")
                         tg.create_task(self._dispatch(radio, tg), name="dispatch")
                         tg.create_task(self._housekeeping(outbox), name="housekeeping")
                         await self._stop.wait()
@@ -135,6 +160,10 @@ class Agent:
     # -- scanning and dispatch --------------------------------------------------------------
 
     def _on_advertisement(self, device: BLEDevice, adv: AdvertisementData) -> None:
+        # Any advertisement, ours or not, shows the radio hears: the recovery ladder resets.
+        helped = self._ladder.on_advert(time.monotonic())
+        if helped is not None:
+            self._radio_recovered(helped)
         address = device.address.upper()
         if self.pairings.lookup(address) is None:
             self.status.saw_unknown(address)
@@ -160,28 +189,176 @@ class Agent:
     async def _scan(self, radio: Radio) -> None:
         # A radio that cannot scan must not take the agent down: the uplink still has readings
         # to deliver, and the adapter may come back (bluetoothd restarted, dongle re-plugged).
+        # The recovery ladder restarts discovery by setting self._rescan.
         delay = SCAN_RETRY_MIN_S
         while True:
+            self._rescan.clear()
+            self._scan_attempts += 1
+            attempt = self._scan_attempts
+            scanner = radio.scanner(self._on_advertisement)
             try:
-                async with radio.scanner(self._on_advertisement):
-                    if self.status.radio != "ok":
-                        log.info("Bluetooth radio scanning")
-                        self._log_state.clear("radio")
-                    self.status.radio = "ok"
-                    delay = SCAN_RETRY_MIN_S
-                    await asyncio.Event().wait()
+                async with asyncio.timeout(SCANNER_OP_TIMEOUT_S):
+                    await scanner.start()
             except Exception as e:  # any radio failure is retried, never fatal
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if isinstance(e, FileNotFoundError | ConnectionRefusedError):
                     reason = "cannot reach the D-Bus system bus (is dbus running?)"
+                elif isinstance(e, TimeoutError):
+                    reason = f"the scanner did not start within {SCANNER_OP_TIMEOUT_S:g} s"
+                    await self._stop_scanner(scanner)  # it may be half started
+                self._scan_error = reason
+                self._scan_outcome(attempt, reason)
                 self.status.radio = f"unavailable: {reason}"
                 self._log_state.error(
                     "radio", reason, "Bluetooth radio unavailable (%s); %s; retrying with back-off",
                     reason, ADVICE_RADIO)
                 log.debug("radio failure; retrying in %.0f s", delay, exc_info=True)
                 self._refresh.set()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, SCAN_RETRY_MAX_S)
+                # The back-off ends early when the ladder asks for a restart.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._rescan.wait()
+                delay = min(delay * 2, SCAN_RETRY_MAX_S)
+                continue
+            self._scan_error = None
+            self._scan_outcome(attempt, None)
+            if self.status.radio != "ok":
+                log.info("Bluetooth radio scanning")
+                self._log_state.clear("radio")
+                self._refresh.set()
+            self.status.radio = "ok"
+            delay = SCAN_RETRY_MIN_S
+            try:
+                await self._rescan.wait()
+            finally:
+                await self._stop_scanner(scanner)
+            log.debug("scanner stopped for a restart of discovery")
+
+    async def _stop_scanner(self, scanner: BleakScanner) -> None:
+        """Stop a scanner, bounded; a failure only matters at debug level (a new one follows)."""
+        try:
+            async with asyncio.timeout(SCANNER_OP_TIMEOUT_S):
+                await scanner.stop()
+        except Exception as e:
+            log.debug("scanner stop failed (%s)", type(e).__name__, exc_info=True)
+
+    def _scan_outcome(self, attempt: int, error: str | None) -> None:
+        """Hand a scan attempt's outcome to a restart of discovery that waits for it."""
+        waiter = self._rescan_waiter
+        if waiter is not None and attempt >= waiter[0] and not waiter[1].done():
+            waiter[1].set_result(error)
+
+    async def _restart_discovery(self) -> str | None:
+        """Make the scan loop open a new scanner; None once it scans, else why it does not."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._rescan_waiter = (self._scan_attempts + 1, future)
+        self._rescan.set()
+        wait_s = 2 * SCANNER_OP_TIMEOUT_S + SCAN_RETRY_MIN_S
+        try:
+            async with asyncio.timeout(wait_s):
+                return await future
+        except TimeoutError:
+            return f"the scanner did not restart within {wait_s:g} s"
+        finally:
+            self._rescan_waiter = None
+
+    # -- radio recovery ladder --------------------------------------------------------------
+
+    async def _watch_radio(self, radio: Radio) -> None:
+        """Climb the recovery ladder while paired devices exist and nothing at all is heard."""
+        period = max(RADIO_CHECK_MIN_S, min(RADIO_CHECK_S, self.cfg.radio.scan_silence_s / 10))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._recovery_tick(radio)
+            except Exception as e:  # the watchdog must never take the agent down
+                self._log_state.error("radio recovery", f"internal {type(e).__name__}",
+                                      "radio recovery: internal error (%s); set log_level = "
+                                      "\"debug\" for the traceback", type(e).__name__)
+                log.debug("radio recovery failure", exc_info=True)
+
+    async def _recovery_tick(self, radio: Radio) -> None:
+        ladder = self._ladder
+        now = time.monotonic()
+        step = ladder.due(now, has_bindings=len(self.pairings) > 0, session_active=bool(self._active))
+        if step is None:
+            return
+        reason = f"no advertisement for {ladder.silent_for(now):.0f} s"
+        if self._scan_error is not None:
+            reason += f"; the scanner fails to start ({self._scan_error})"
+        error: str | None = None
+        try:
+            error = await self._perform(radio, step)
+        finally:
+            # Even if cancelled: the ladder must never stay with a step in progress.
+            helped = ladder.done(step, error is None, time.monotonic())
+        self._recovery_step_done(step, reason, error)
+        if helped is not None:
+            self._radio_recovered(helped)
+
+    async def _perform(self, radio: Radio, step: Step) -> str | None:
+        """Take one step; None if it worked, else why not (never raises but on cancellation)."""
+        if step is Step.RESTART_DISCOVERY:
+            return await self._restart_discovery()
+        error: str | None = None
+        control = getattr(radio, "control", None)
+        try:
+            if control is None:
+                raise AdapterControlError(f"the {radio.kind} radio has no adapter control")
+            async with asyncio.timeout(ADAPTER_CONTROL_TIMEOUT_S):
+                if step is Step.POWER_CYCLE:
+                    await control.power_cycle()
+                else:
+                    await control.restart_bluetooth()
+        except AdapterControlError as e:
+            error = str(e)
+        except TimeoutError:
+            error = f"{step.value} not done within {ADAPTER_CONTROL_TIMEOUT_S:g} s"
+        except Exception as e:
+            error = f"internal error: {type(e).__name__}"
+            log.debug("recovery step %s failed", step.value, exc_info=True)
+        # An adapter that went off (or a bluetoothd that restarted) ended discovery: scan anew.
+        rescan = await self._restart_discovery()
+        if rescan is not None:
+            log.debug("after %s the scanner does not start yet: %s", step.value, rescan)
+        return error
+
+    def _recovery_step_done(self, step: Step, reason: str, error: str | None) -> None:
+        ladder = self._ladder
+        rs = self.status.radio_recovery
+        current = ladder.current_step
+        rs.step = None if current is None else current.value
+        rs.last_step = step.value
+        rs.last_step_at = _now()
+        rs.last_result = "ok" if error is None else f"failed: {error}"
+        rs.steps_taken, rs.steps_failed = ladder.steps_taken, ladder.steps_failed
+        rung = ladder.steps.index(step) + 1
+        next_in = max(0.0, ladder.next_at - time.monotonic()) if ladder.climbing else None
+        self._event("radio_recovery", {"step": step.value, "result": "ok" if error is None else "failed",
+                                       "reason": reason, "error": error,
+                                       "next_step_in_s": None if next_in is None else round(next_in)})
+        if error is None:
+            self._log_state.clear(f"radio recovery {step.value}")
+            log.warning("radio: %s, with %d paired device(s): %s done (recovery step %d of %d)",
+                        reason, len(self.pairings), _STEP_WORDS[step], rung, len(ladder.steps))
+        else:
+            # A step that keeps failing the same way (no polkit rule, no systemd) is logged once.
+            self._log_state.warning(
+                f"radio recovery {step.value}", error,
+                "radio: %s; %s failed (recovery step %d of %d, counted; the ladder goes on): %s",
+                reason, _STEP_WORDS[step], rung, len(ladder.steps), error)
+        self._refresh.set()
+
+    def _radio_recovered(self, helped: Step) -> None:
+        ladder = self._ladder
+        rs = self.status.radio_recovery
+        rs.step = None
+        log.info("radio: advertisements heard again after %.0f s of silence (%d recovery step(s); "
+                 "the last: %s)", ladder.recovered_after_s, ladder.recovered_steps, helped.value)
+        self._event("radio_recovered", {"step": helped.value, "step_result": rs.last_result,
+                                        "steps": ladder.recovered_steps,
+                                        "silent_s": round(ladder.recovered_after_s, 1)})
+        self._refresh.set()
 
     async def _dispatch(self, radio: Radio, tg: asyncio.TaskGroup) -> None:
         while True:
@@ -400,6 +577,12 @@ class Agent:
         self._event("outbox_recovered", detail)
 
     def _status_dict(self) -> dict[str, object]:
+        rs, ladder = self.status.radio_recovery, self._ladder
+        heard = ladder.last_advert
+        rs.last_advert_age_s = None if heard is None else round(time.monotonic() - heard, 1)
+        current = ladder.current_step
+        rs.step = None if current is None else current.value
+        rs.steps_taken, rs.steps_failed = ladder.steps_taken, ladder.steps_failed
         doc = self.status.as_dict()
         windows = list(self._commit_windows)
         if windows:

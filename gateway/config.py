@@ -127,6 +127,13 @@ class RadioConfig(_Section):
     # After a session that brought nothing, wait longer before the next (doubling up to this),
     # so a device that never stops advertising is not reconnected every few seconds.
     idle_backoff_max_s: Annotated[float, Field(gt=0)] = 300.0
+    # Recovery ladder (gateway.ble.recovery): with paired devices and no advertisement at all for
+    # this long, restart discovery; then power-cycle the adapter; then restart bluetoothd (if
+    # allowed), one step per further silent period; then the same with doubling waits up to
+    # recovery_max_interval_s.
+    scan_silence_s: Annotated[float, Field(gt=0)] = 300.0
+    recovery_restart_bluetooth: bool = True
+    recovery_max_interval_s: Annotated[float, Field(gt=0)] = 21600.0
     simulated: tuple[SimulatedDeviceConfig, ...] = ()
     # Virtual radio only: None puts the simulated devices in this process; "tcp:HOST:PORT"
     # reaches devices run by `rpm-gateway simulate` in another process.

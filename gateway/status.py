@@ -26,6 +26,19 @@ class DeviceStatus:
 
 
 @dataclass
+class RadioRecoveryStatus:
+    """The recovery ladder as the status topic shows it (gateway.ble.recovery)."""
+
+    step: str | None = None  # the latest step since the last advertisement; None: not climbing
+    last_step: str | None = None  # the latest step ever taken
+    last_step_at: str | None = None  # when it ran (UTC)
+    last_result: str | None = None  # "ok", or "failed: <why>"
+    steps_taken: int = 0
+    steps_failed: int = 0
+    last_advert_age_s: float | None = None  # None: no advertisement heard since the start
+
+
+@dataclass
 class HubStatus:
     """Counters for the status topic; updated by the agent, read by the uplink."""
 
@@ -49,6 +62,7 @@ class HubStatus:
     storage: str = "starting"
     # What the outbox found at start-up when its file was damaged or empty, if anything.
     outbox_recovery: dict[str, object] | None = None
+    radio_recovery: RadioRecoveryStatus = field(default_factory=RadioRecoveryStatus)
 
     def device(self, address: str) -> DeviceStatus:
         """The entry for a paired device, created on first use."""
@@ -71,6 +85,7 @@ class HubStatus:
             "hub_clock_synced": self.hub_clock_synced,
             "hub_clock": self.hub_clock,
             "radio": self.radio,
+            "radio_recovery": vars(self.radio_recovery),
             "readings_stored": self.stored,
             "duplicates_ignored": self.duplicates,
             "decode_errors": self.decode_errors,

@@ -11,6 +11,7 @@ from bleak import BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementDataCallback
 
+from gateway.ble.adapter_control import AdapterControl, BluezAdapterControl
 from gateway.config import RadioConfig
 
 
@@ -18,6 +19,7 @@ class Radio(Protocol):
     """Makes bleak scanners and clients for one radio; all BLE objects come from here."""
 
     kind: str
+    control: AdapterControl  # power cycle / daemon restart, for the recovery ladder
 
     def scanner(self, callback: AdvertisementDataCallback) -> BleakScanner:
         """A scanner that reports every advertisement to `callback`."""
@@ -37,6 +39,7 @@ class BlueZRadio:
 
     def __init__(self, adapter: str | None) -> None:
         self._adapter = adapter
+        self.control: AdapterControl = BluezAdapterControl(adapter)
 
     def scanner(self, callback: AdvertisementDataCallback) -> BleakScanner:
         """A BlueZ scanner on the configured adapter."""

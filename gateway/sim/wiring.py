@@ -13,10 +13,12 @@ from zoneinfo import ZoneInfo
 from bleak import BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementDataCallback
+from bumble.core import BaseBumbleError
 
 from drivers.simulated.blood_pressure import demo_bp_readings, demo_cuff
 from drivers.simulated.device import DEFAULT_ZONE
 from drivers.simulated.weight_scale import demo_scale, demo_weight_readings
+from gateway.ble.adapter_control import AdapterControl, AdapterControlError
 from gateway.config import RadioConfig, SimulatedDeviceConfig
 from gateway.sim.backend import VirtualClientBackend, VirtualScannerBackend
 from gateway.sim.radio import VirtualRadio
@@ -31,6 +33,7 @@ class VirtualBleakRadio:
 
     def __init__(self, radio: VirtualRadio) -> None:
         self.radio = radio
+        self.control: AdapterControl = VirtualAdapterControl(radio)
 
     def scanner(self, callback: AdvertisementDataCallback) -> BleakScanner:
         """A bleak scanner on the virtual radio."""
@@ -43,6 +46,33 @@ class VirtualBleakRadio:
         """A bleak client on the virtual radio."""
         return BleakClient(device, disconnected_callback=disconnected, timeout=timeout,
                            backend=VirtualClientBackend, radio=self.radio)
+
+
+class VirtualAdapterControl:
+    """AdapterControl on the virtual radio: the hub's bumble device stands in for the adapter."""
+
+    def __init__(self, radio: VirtualRadio) -> None:
+        self.radio = radio
+        self.power_cycles = 0
+
+    async def power_cycle(self) -> None:
+        """Power the hub's device off and on: as with BlueZ, discovery ends and links drop."""
+        hub = self.radio.hub
+        try:
+            async with asyncio.timeout(self.radio.op_timeout):
+                if hub.is_scanning:
+                    await hub.stop_scanning()
+                for connection in list(hub.connections.values()):
+                    await connection.disconnect()
+                await hub.power_off()
+                await hub.power_on()  # an HCI Reset first, as the kernel does on power-on
+        except (BaseBumbleError, TimeoutError) as e:
+            raise AdapterControlError(f"power cycle of the virtual hub failed: {e!r}") from e
+        self.power_cycles += 1
+
+    async def restart_bluetooth(self) -> None:
+        """Not available: there is no bluetoothd behind the virtual radio."""
+        raise AdapterControlError("restarting bluetoothd is not available on the virtual radio")
 
 
 # Per profile: the ready-made device and its realistic readings (this module is sim-only).
