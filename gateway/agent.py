@@ -12,7 +12,8 @@ import signal
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from bleak import BleakScanner
 from bleak.backends.device import BLEDevice
@@ -22,9 +23,10 @@ from drivers import registry as drivers
 from drivers.base import DeviceInfo, Driver, Measurement, StorageUnavailableError
 from drivers.standard_profile import CombinedDriver
 from gateway.ble.adapter_control import AdapterControlError
-from gateway.ble.errors import BondLostError, SessionError
+from gateway.ble.errors import AdapterBusyError, BondLostError, SessionError
 from gateway.ble.radio import Radio, open_radio
 from gateway.ble.recovery import RecoveryLadder, Step
+from gateway.ble.scan_gate import ScanGate
 from gateway.ble.session import SessionContext, run_session
 from gateway.config import DeviceBinding, GatewayConfig
 from gateway.intake import belongs_to, build_reading, commit
@@ -101,6 +103,8 @@ class Agent:
                                       restart_bluetooth=radio_cfg.recovery_restart_bluetooth,
                                       now=time.monotonic())
         self._rescan = asyncio.Event()  # set: the scan loop drops its scanner and opens a new one
+        self._gate = ScanGate(self._rescan, exclusive=radio_cfg.pause_scan_to_connect)
+        self._background: set[asyncio.Task[None]] = set()
         self._scan_attempts = 0
         # A restart of discovery waits here for the outcome of scan attempt >= the number.
         self._rescan_waiter: tuple[int, asyncio.Future[str | None]] | None = None
@@ -145,6 +149,7 @@ class Agent:
                         tg.create_task(self._watch_storage(), name="storage gate")
                         tg.create_task(self._scan(radio), name="scanner")
                         tg.create_task(self._watch_radio(radio), name="radio watchdog")
+                        tg.create_task(self._watch_stack(radio), name="stack watch")
                         tg.create_task(self._dispatch(radio, tg), name="dispatch")
                         tg.create_task(self._housekeeping(outbox), name="housekeeping")
                         await self._stop.wait()
@@ -191,8 +196,10 @@ class Agent:
         # to deliver, and the adapter may come back (bluetoothd restarted, dongle re-plugged).
         # The recovery ladder restarts discovery by setting self._rescan.
         delay = SCAN_RETRY_MIN_S
+        released = False
         while True:
             self._rescan.clear()
+            await self._gate.wait_open()  # held shut while an exclusive adapter connects
             self._scan_attempts += 1
             attempt = self._scan_attempts
             scanner = radio.scanner(self._on_advertisement)
@@ -220,8 +227,12 @@ class Agent:
                         await self._rescan.wait()
                 delay = min(delay * 2, SCAN_RETRY_MAX_S)
                 continue
+            self._gate.scanner_running(True)
             self._scan_error = None
             self._scan_outcome(attempt, None)
+            if not released:
+                released = True  # once the stack answers: links a killed agent left behind
+                self._spawn(self._release_stale(radio))
             if self.status.radio != "ok":
                 log.info("Bluetooth radio scanning")
                 self._log_state.clear("radio")
@@ -232,7 +243,40 @@ class Agent:
                 await self._rescan.wait()
             finally:
                 await self._stop_scanner(scanner)
+                self._gate.scanner_running(False)
             log.debug("scanner stopped for a restart of discovery")
+
+    async def _watch_stack(self, radio: Radio) -> None:
+        """Reopen the scanner whenever the stack says it died underneath (bluetoothd, adapter)."""
+        try:
+            await radio.watch(functools.partial(self._stack_changed, radio))
+        except Exception as e:  # the watch is a help: without it the ladder still recovers
+            log.debug("stack watch ended: %s", type(e).__name__, exc_info=True)
+
+    def _stack_changed(self, radio: Radio, reason: str) -> None:
+        if self._gate.paused:
+            return  # discovery is off on purpose: a connection holds the adapter
+        log.info("radio: %s; opening a new scanner", reason)
+        self._rescan.set()
+        if reason == "bluetoothd restarted":
+            self._event("bluetoothd_restarted", {})
+            self._spawn(self._release_stale(radio))
+
+    async def _release_stale(self, radio: Radio) -> None:
+        """Disconnect bound devices the stack keeps connected outside our sessions."""
+        try:
+            released = await radio.release_stale(self.pairings.addresses(), set(self._active))
+        except Exception as e:
+            log.debug("could not check for stale links: %s", type(e).__name__, exc_info=True)
+            return
+        for address in released:
+            log.warning("%s: bluetoothd held a link to it outside any session (left by an agent "
+                        "that stopped without disconnecting); disconnected it", address)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _stop_scanner(self, scanner: BleakScanner) -> None:
         """Stop a scanner, bounded; a failure only matters at debug level (a new one follows)."""
@@ -420,7 +464,8 @@ class Agent:
         failed = False
         deferred = False
         try:
-            stats = await run_session(radio, device, driver, self.cfg.radio, ctx, handle)
+            async with self._gate.connecting():
+                stats = await run_session(radio, device, driver, self.cfg.radio, ctx, handle)
             brought = stats.stored > 0
             entry.sessions_ok += 1
             entry.last_error = None
@@ -443,6 +488,9 @@ class Agent:
             failed = True
             entry.sessions_failed += 1
             entry.last_error = str(e)
+            if isinstance(e, AdapterBusyError) and self._gate.learn_exclusive():
+                self._event("radio_exclusive", {"reason": "connect refused while scanning"})
+                failed = False  # not the device's fault: try again at its next advert
             if self._log_state.warning(f"session {address}", e.kind, "%s", e) and \
                     isinstance(e, BondLostError):
                 self._event("bond_lost", {"device": address, "advice": e.advice})

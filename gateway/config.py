@@ -134,6 +134,9 @@ class RadioConfig(_Section):
     scan_silence_s: Annotated[float, Field(gt=0)] = 300.0
     recovery_restart_bluetooth: bool = True
     recovery_max_interval_s: Annotated[float, Field(gt=0)] = 21600.0
+    # The adapter cannot connect while it scans (Connect answers "in progress"): scanning pauses
+    # for each connection. Learned by itself at the first such refusal; set it to start so.
+    pause_scan_to_connect: bool = False
     simulated: tuple[SimulatedDeviceConfig, ...] = ()
     # Virtual radio only: None puts the simulated devices in this process; "tcp:HOST:PORT"
     # reaches devices run by `rpm-gateway simulate` in another process.

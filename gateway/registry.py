@@ -17,5 +17,9 @@ class Pairings:
         """The binding for an address, None for anyone else's device."""
         return self._by_address.get(address.upper())
 
+    def addresses(self) -> set[str]:
+        """Every bound device's address (upper case)."""
+        return set(self._by_address)
+
     def __len__(self) -> int:
         return len(self._by_address)

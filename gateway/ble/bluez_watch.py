@@ -88,6 +88,8 @@ class BluezWatch:
                     f"member='PropertiesChanged',path='{self.adapter_path}'",
                     "type='signal',interface='org.freedesktop.DBus.ObjectManager',"
                     "member='InterfacesAdded'",
+                    "type='signal',interface='org.freedesktop.DBus.ObjectManager',"
+                    "member='InterfacesRemoved'",
                 ):
                     await bus.call(Message(
                         destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
@@ -127,6 +129,10 @@ class BluezWatch:
         elif (msg.member == "InterfacesAdded" and msg.body and msg.body[0] == self.adapter_path
               and ADAPTER_INTERFACE in msg.body[1]):
             self._stale("adapter appeared")
+        elif (msg.member == "InterfacesRemoved" and msg.body and msg.body[0] == self.adapter_path
+              and ADAPTER_INTERFACE in msg.body[1]):
+            log.warning("the Bluetooth adapter %s was removed", self.adapter_path.rsplit("/", 1)[-1])
+            self._stale("adapter removed")
         return False
 
     def _check_discovery_later(self) -> None:
@@ -138,3 +144,38 @@ class BluezWatch:
         await asyncio.sleep(DISCOVERY_SETTLE_S)
         self._settle = None
         self._stale("discovery stopped underneath the scanner")
+
+
+async def release_stale_links(
+    adapter: str | None, addresses: set[str], busy: set[str], timeout: float = 10.0
+) -> list[str]:
+    """Disconnect bound devices BlueZ holds connected while no session of ours uses them.
+
+    bluetoothd keeps a link up when the client that made it dies (bluez/bluez#89): after a
+    crash or kill -9 of the agent, the device stays connected to the hub, never advertises,
+    and so is never read again. Returns the addresses released.
+    """
+    adapter_path = f"/org/bluez/{adapter or 'hci0'}"
+    released: list[str] = []
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    try:
+        async with asyncio.timeout(timeout):
+            reply = await bus.call(Message(
+                destination=BLUEZ, path="/", interface="org.freedesktop.DBus.ObjectManager",
+                member="GetManagedObjects"))
+            if reply is None or reply.message_type != MessageType.METHOD_RETURN:
+                return released
+            for path, interfaces in reply.body[0].items():
+                device = interfaces.get("org.bluez.Device1")
+                if device is None or not path.startswith(adapter_path + "/"):
+                    continue
+                address = str(device["Address"].value).upper()
+                if (address in addresses and address not in busy
+                        and device.get("Connected") and device["Connected"].value):
+                    await bus.call(Message(
+                        destination=BLUEZ, path=path, interface="org.bluez.Device1",
+                        member="Disconnect"))
+                    released.append(address)
+    finally:
+        bus.disconnect()
+    return released

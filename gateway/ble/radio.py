@@ -12,6 +12,8 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementDataCallback
 
 from gateway.ble.adapter_control import AdapterControl, BluezAdapterControl
+from gateway.ble.bluez_client import AgentBleakClient
+from gateway.ble.bluez_watch import BluezWatch, release_stale_links
 from gateway.config import RadioConfig
 
 
@@ -29,6 +31,15 @@ class Radio(Protocol):
         self, device: BLEDevice, disconnected: Callable[[BleakClient], None], timeout: float
     ) -> BleakClient:
         """A fresh client for one connection (never reuse a client: HA developer docs)."""
+        ...
+
+    async def watch(self, stale: Callable[[str], None]) -> None:
+        """Tell `stale` (why) whenever the scanner can no longer be trusted; runs until cancelled
+        (or returns at once if this radio has nothing to watch)."""
+        ...
+
+    async def release_stale(self, addresses: set[str], busy: set[str]) -> list[str]:
+        """Drop links the stack holds to bound devices outside any session; the ones dropped."""
         ...
 
 
@@ -52,7 +63,17 @@ class BlueZRadio:
     ) -> BleakClient:
         """A BlueZ client on the configured adapter."""
         extra: dict[str, Any] = {"bluez": {"adapter": self._adapter}} if self._adapter else {}
-        return BleakClient(device, disconnected_callback=disconnected, timeout=timeout, **extra)
+        return AgentBleakClient(
+            device, disconnected_callback=disconnected, timeout=timeout, adapter=self._adapter,
+            **extra)
+
+    async def watch(self, stale: Callable[[str], None]) -> None:
+        """Follow bluetoothd and the adapter on D-Bus (gateway.ble.bluez_watch)."""
+        await BluezWatch(self._adapter, stale).run()
+
+    async def release_stale(self, addresses: set[str], busy: set[str]) -> list[str]:
+        """Disconnect links a dead client of bluetoothd left to our devices (bluez/bluez#89)."""
+        return await release_stale_links(self._adapter, addresses, busy)
 
 
 @contextlib.asynccontextmanager

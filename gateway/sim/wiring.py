@@ -47,6 +47,15 @@ class VirtualBleakRadio:
         return BleakClient(device, disconnected_callback=disconnected, timeout=timeout,
                            backend=VirtualClientBackend, radio=self.radio)
 
+    async def watch(self, stale: Callable[[str], None]) -> None:
+        """Nothing to watch: no daemon sits between the agent and the virtual radio."""
+        del stale
+
+    async def release_stale(self, addresses: set[str], busy: set[str]) -> list[str]:
+        """No stack keeps links for a dead client here: a process's links die with it."""
+        del addresses, busy
+        return []
+
 
 class VirtualAdapterControl:
     """AdapterControl on the virtual radio: the hub's bumble device stands in for the adapter."""

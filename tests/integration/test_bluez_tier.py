@@ -18,8 +18,9 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusObjectPath, DBusUInt32
 from dbus_fast.service import ServiceInterface, dbus_method
 
+from drivers.codec.weight import WeightMeasurement
 from drivers.simulated.blood_pressure import demo_cuff
-from drivers.simulated.weight_scale import demo_scale, demo_weight_readings
+from drivers.simulated.weight_scale import demo_scale
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.config import GatewayConfig
@@ -110,7 +111,7 @@ async def test_bluez_adapter_powered_off_and_on(
         async with on_bluez(config(tmp_path, mosquitto), radio) as (_agent, bluez):
             await sub.wait_for(1, timeout=15)
             await bluez.power(False)
-            await scale.measure(demo_weight_readings(1)[0])
+            await scale.measure(WeightMeasurement(imperial=False, weight_raw=16270))  # 81.35 kg
             await asyncio.sleep(1)
             await bluez.power(True)
             await sub.wait_for(2, timeout=40)
