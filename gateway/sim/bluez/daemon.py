@@ -218,12 +218,21 @@ class BluezStandIn:
         self._adapter = None
 
     async def power(self, on: bool) -> None:
-        """Power the adapter off (discovery ends, links drop) or on."""
+        """Power the adapter off (discovery ends, links drop) or on (the controller is reset)."""
         adapter = self._require_adapter()
-        if not on:
+        was = bool(adapter.values["Powered"])
+        if not on and was:
             await self._halt_radio()
             self._discovery.clear()
             adapter.update(Discovering=False)
+            with contextlib.suppress(BaseBumbleError, TimeoutError):
+                async with asyncio.timeout(self.radio.op_timeout):
+                    await self.radio.hub.power_off()
+        elif on and not was:
+            # The kernel resets the controller when it powers it (HCI Reset): what clears a
+            # controller that stopped reporting, and why a power cycle is the ladder's step 2.
+            async with asyncio.timeout(self.radio.op_timeout):
+                await self.radio.hub.power_on()
         adapter.update(Powered=on)
 
     def _on_powered_set(self, on: bool) -> None:
