@@ -59,11 +59,16 @@ RADIO_CHECK_S = 5.0
 RADIO_CHECK_MIN_S = 0.2
 # Upper bound for one scanner start or stop (a wedged BlueZ must not hang the scan loop).
 SCANNER_OP_TIMEOUT_S = 30.0
+# bleak cannot stop a scanner of a bluetoothd that is gone; give up on it this soon.
+STALE_SCANNER_STOP_S = 1.0
 # Upper bound for a power cycle or bluetoothd restart (each also bounds itself).
 ADAPTER_CONTROL_TIMEOUT_S = 90.0
 _STEP_WORDS = {Step.RESTART_DISCOVERY: "restarting discovery",
                Step.POWER_CYCLE: "power-cycling the adapter",
                Step.RESTART_BLUETOOTH: "restarting bluetooth.service"}
+# The stack watch reopens the scanner at once; the same reason again backs off up to the max.
+STACK_RESCAN_MIN_S = 5.0
+STACK_RESCAN_MAX_S = 300.0
 # Drift worth telling the clinic about: beyond it a reading's minute, even day, is in doubt.
 CLOCK_DRIFT_EVENT_S = 60.0
 
@@ -105,6 +110,8 @@ class Agent:
         self._rescan = asyncio.Event()  # set: the scan loop drops its scanner and opens a new one
         self._gate = ScanGate(self._rescan, exclusive=radio_cfg.pause_scan_to_connect)
         self._background: set[asyncio.Task[None]] = set()
+        self._stack_backoff: dict[str, tuple[float, float]] = {}  # reason -> (next at, delay)
+        self._stack_was_reset = False  # bluetoothd restarted under the current scanner
         self._scan_attempts = 0
         # A restart of discovery waits here for the outcome of scan attempt >= the number.
         self._rescan_waiter: tuple[int, asyncio.Future[str | None]] | None = None
@@ -203,10 +210,12 @@ class Agent:
             self._scan_attempts += 1
             attempt = self._scan_attempts
             scanner = radio.scanner(self._on_advertisement)
+            self._gate.scanner_running(True)  # from before start: a connection must wait for it
             try:
                 async with asyncio.timeout(SCANNER_OP_TIMEOUT_S):
                     await scanner.start()
             except Exception as e:  # any radio failure is retried, never fatal
+                self._gate.scanner_running(False)
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if isinstance(e, FileNotFoundError | ConnectionRefusedError):
                     reason = "cannot reach the D-Bus system bus (is dbus running?)"
@@ -227,12 +236,12 @@ class Agent:
                         await self._rescan.wait()
                 delay = min(delay * 2, SCAN_RETRY_MAX_S)
                 continue
-            self._gate.scanner_running(True)
             self._scan_error = None
             self._scan_outcome(attempt, None)
             if not released:
-                released = True  # once the stack answers: links a killed agent left behind
-                self._spawn(self._release_stale(radio))
+                # Once the stack answers: links a killed agent left behind. Tried again with
+                # the next scanner if it could not be done now.
+                released = await self._release_stale(radio)
             if self.status.radio != "ok":
                 log.info("Bluetooth radio scanning")
                 self._log_state.clear("radio")
@@ -254,24 +263,41 @@ class Agent:
             log.debug("stack watch ended: %s", type(e).__name__, exc_info=True)
 
     def _stack_changed(self, radio: Radio, reason: str) -> None:
-        if self._gate.paused:
-            return  # discovery is off on purpose: a connection holds the adapter
-        log.info("radio: %s; opening a new scanner", reason)
-        self._rescan.set()
         if reason == "bluetoothd restarted":
+            self._stack_was_reset = True
             self._event("bluetoothd_restarted", {})
-            self._spawn(self._release_stale(radio))
+            self._spawn(self._release_stale_quietly(radio))
+        if self._gate.paused and reason.startswith("discovery stopped"):
+            return  # discovery is off on purpose: a connection holds the adapter
+        now = asyncio.get_running_loop().time()
+        allowed_at, delay = self._stack_backoff.get(reason, (0.0, STACK_RESCAN_MIN_S))
+        if now < allowed_at:
+            # The same change again so soon (a controller whose discovery keeps dying): the
+            # scan loop's own retry and the recovery ladder take over; no tight loop.
+            self._stack_backoff[reason] = (allowed_at, delay)
+            log.debug("radio: %s again within %.0f s; not reopening the scanner yet", reason, delay)
+            return
+        if now - allowed_at > STACK_RESCAN_MAX_S:
+            delay = STACK_RESCAN_MIN_S  # quiet for long enough: forgiven
+        self._stack_backoff[reason] = (now + delay, min(delay * 2, STACK_RESCAN_MAX_S))
+        self._log_state.warning("stack", reason, "radio: %s; opening a new scanner", reason)
+        self._rescan.set()
 
-    async def _release_stale(self, radio: Radio) -> None:
-        """Disconnect bound devices the stack keeps connected outside our sessions."""
+    async def _release_stale_quietly(self, radio: Radio) -> None:
+        await self._release_stale(radio)
+
+    async def _release_stale(self, radio: Radio) -> bool:
+        """Disconnect bound devices the stack keeps connected outside our sessions; done?"""
         try:
-            released = await radio.release_stale(self.pairings.addresses(), set(self._active))
+            released = await radio.release_stale(self.pairings.addresses(),
+                                                 lambda: set(self._active))
         except Exception as e:
             log.debug("could not check for stale links: %s", type(e).__name__, exc_info=True)
-            return
+            return False
         for address in released:
             log.warning("%s: bluetoothd held a link to it outside any session (left by an agent "
                         "that stopped without disconnecting); disconnected it", address)
+        return True
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -280,8 +306,13 @@ class Agent:
 
     async def _stop_scanner(self, scanner: BleakScanner) -> None:
         """Stop a scanner, bounded; a failure only matters at debug level (a new one follows)."""
+        # A scanner of a bluetoothd that went away cannot be stopped: bleak sends StopDiscovery
+        # on its dead bus and waits forever, holding its bus lock (and so every new scanner).
+        # Its callbacks are removed first, so a short wait is enough.
+        wait = STALE_SCANNER_STOP_S if self._stack_was_reset else SCANNER_OP_TIMEOUT_S
+        self._stack_was_reset = False
         try:
-            async with asyncio.timeout(SCANNER_OP_TIMEOUT_S):
+            async with asyncio.timeout(wait):
                 await scanner.stop()
         except Exception as e:
             log.debug("scanner stop failed (%s)", type(e).__name__, exc_info=True)
@@ -466,6 +497,7 @@ class Agent:
         try:
             async with self._gate.connecting():
                 stats = await run_session(radio, device, driver, self.cfg.radio, ctx, handle)
+            self._gate.connected_while_scanning()
             brought = stats.stored > 0
             entry.sessions_ok += 1
             entry.last_error = None
@@ -488,8 +520,10 @@ class Agent:
             failed = True
             entry.sessions_failed += 1
             entry.last_error = str(e)
-            if isinstance(e, AdapterBusyError) and self._gate.learn_exclusive():
+            if (isinstance(e, AdapterBusyError) and not e.connected and self._gate.scanning
+                    and self._gate.refused_while_scanning()):
                 self._event("radio_exclusive", {"reason": "connect refused while scanning"})
+            if isinstance(e, AdapterBusyError) and not e.connected:
                 failed = False  # not the device's fault: try again at its next advert
             if self._log_state.warning(f"session {address}", e.kind, "%s", e) and \
                     isinstance(e, BondLostError):

@@ -8,11 +8,27 @@ and answers only for the device being paired.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any
 
 from bleak import BleakClient
+from bleak.exc import BleakError
 
-from gateway.ble.bluez_agent import PairingAgent, device_path
+from gateway.ble.bluez_agent import AgentRegistrationError, PairingAgent, device_path
+
+# One pairing at a time per event loop: bluetoothd asks only the newest default agent, and
+# ours answers only for its own device, so two at once would refuse each other's questions.
+_PAIRING_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary())
+
+
+def _pairing_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _PAIRING_LOCKS.get(loop)
+    if lock is None:
+        lock = _PAIRING_LOCKS[loop] = asyncio.Lock()
+    return lock
 
 
 class AgentBleakClient(BleakClient):
@@ -24,6 +40,11 @@ class AgentBleakClient(BleakClient):
 
     async def pair(self, *args: Any, **kwargs: Any) -> None:
         """Pair (and bond) with the device, answering only its own pairing questions."""
-        async with PairingAgent() as agent:
-            with agent.expect(device_path(self.address, self._agent_adapter)):
-                await super().pair(*args, **kwargs)
+        async with _pairing_lock():
+            try:
+                async with PairingAgent() as agent:
+                    with agent.expect(device_path(self.address, self._agent_adapter)):
+                        await super().pair(*args, **kwargs)
+            except AgentRegistrationError as e:
+                # A session error like the others (bluetoothd refused or is gone), not a bug.
+                raise BleakError(f"pairing agent not registered: {e}") from e

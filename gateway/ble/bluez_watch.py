@@ -40,7 +40,8 @@ def reset_bleak_cache() -> bool:
 
     bleak offers no public way; closing its bus runs its own "bus lost" path, which resets the
     cache, reports its devices disconnected and reconnects with GetManagedObjects on next use.
-    Returns whether there was a manager to reset. Checked against bleak 3.1.
+    Returns whether there was a manager to reset. Checked against bleak 3.1. Only for a
+    bluetoothd that went away: it reports every device of this process disconnected.
     """
     try:
         from bleak.backends.bluezdbus import manager as bluez_manager  # noqa: PLC0415
@@ -65,6 +66,7 @@ class BluezWatch:
         self._settle: asyncio.Task[None] | None = None
         self._bus: MessageBus | None = None
         self.restarts = 0  # times bluetoothd came back on the bus
+        self._gone = False  # bluetoothd left and has not come back yet
 
     async def run(self) -> None:
         """Watch for as long as the agent runs; a lost system bus is reconnected with back-off."""
@@ -111,10 +113,16 @@ class BluezWatch:
             if old and not new:
                 log.warning("bluetoothd left the system bus (stopped or crashed)")
                 reset_bleak_cache()
+                self._gone = True
             elif new:
                 self.restarts += 1
                 log.warning("bluetoothd is back on the system bus; rescanning")
-                reset_bleak_cache()
+                if not self._gone:
+                    # Replaced without a gap: the cache is stale. Otherwise it was already
+                    # reset when bluetoothd left, and a reset now could cut a session that
+                    # connected since.
+                    reset_bleak_cache()
+                self._gone = False
                 self._stale("bluetoothd restarted")
         elif msg.member == "PropertiesChanged" and msg.path == self.adapter_path:
             interface, changed, _invalidated = msg.body
@@ -147,7 +155,7 @@ class BluezWatch:
 
 
 async def release_stale_links(
-    adapter: str | None, addresses: set[str], busy: set[str], timeout: float = 10.0
+    adapter: str | None, addresses: set[str], busy: Callable[[], set[str]], timeout: float = 10.0
 ) -> list[str]:
     """Disconnect bound devices BlueZ holds connected while no session of ours uses them.
 
@@ -157,7 +165,8 @@ async def release_stale_links(
     """
     adapter_path = f"/org/bluez/{adapter or 'hci0'}"
     released: list[str] = []
-    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    async with asyncio.timeout(timeout):
+        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     try:
         async with asyncio.timeout(timeout):
             reply = await bus.call(Message(
@@ -170,7 +179,8 @@ async def release_stale_links(
                 if device is None or not path.startswith(adapter_path + "/"):
                     continue
                 address = str(device["Address"].value).upper()
-                if (address in addresses and address not in busy
+                # `busy` is asked again per device: a session may have begun meanwhile.
+                if (address in addresses and address not in busy()
                         and device.get("Connected") and device["Connected"].value):
                     await bus.call(Message(
                         destination=BLUEZ, path=path, interface="org.bluez.Device1",

@@ -40,6 +40,7 @@ class SessionError(Exception):
     def __init__(self, address: str, detail: str) -> None:
         self.address = address
         self.detail = detail
+        self.connected = False  # whether the link had come up (set by classify)
         super().__init__(f"{address}: {detail}; {self.advice}")
 
 
@@ -110,9 +111,12 @@ class StackUnavailableError(SessionError):
 BLUEZ_BUSY = frozenset({"org.bluez.Error.InProgress", "org.bluez.Error.NotReady"})
 BLUEZ_AUTH = frozenset({
     "org.bluez.Error.AuthenticationFailed", "org.bluez.Error.AuthenticationRejected",
-    "org.bluez.Error.AuthenticationCanceled", "org.bluez.Error.AuthenticationTimeout",
-    "org.bluez.Error.ConnectionAttemptFailed",
+    "org.bluez.Error.AuthenticationTimeout",
 })
+# AuthenticationCanceled is also what Pair answers when the link drops mid-pairing: a link
+# fault, retried; ConnectionAttemptFailed ("Page Timeout") is range.
+BLUEZ_LINK_LOST = frozenset({"org.bluez.Error.AuthenticationCanceled"})
+BLUEZ_UNREACHABLE = frozenset({"org.bluez.Error.ConnectionAttemptFailed"})
 BLUEZ_GONE = frozenset({
     "org.bluez.Error.DoesNotExist", "org.freedesktop.DBus.Error.UnknownObject",
 })
@@ -140,7 +144,17 @@ def dbus_error_name(err: BaseException) -> str | None:
 
 
 def classify(address: str, err: BaseException, *, connected: bool) -> SessionError:
-    """The named error for a BLE failure; `connected`: the link had come up before it."""
+    """The named error for a BLE failure; `connected`: the link had come up before it.
+
+    The result's `connected` attribute keeps that flag (an adapter busy before the link came
+    up is a different fault from one busy on a GATT request).
+    """
+    e = _classify(address, err, connected=connected)
+    e.connected = connected
+    return e
+
+
+def _classify(address: str, err: BaseException, *, connected: bool) -> SessionError:
     text = str(err).lower().replace("_", " ")
     detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     name = dbus_error_name(err)
@@ -149,8 +163,12 @@ def classify(address: str, err: BaseException, *, connected: bool) -> SessionErr
             return DeviceStoppedAnsweringError(address, "a request timed out")
         return DeviceUnreachableError(
             address, "no connection came up (or finished its set-up) within the connect timeout")
-    if name in DBUS_STACK_GONE:
+    if name in DBUS_STACK_GONE or "pairing agent not registered" in text:
         return StackUnavailableError(address, detail)
+    if name in BLUEZ_UNREACHABLE:
+        return DeviceUnreachableError(address, detail)
+    if name in BLUEZ_LINK_LOST:
+        return LinkAbortedError(address, detail)
     if name in BLUEZ_AUTH:
         return BondLostError(address, detail)
     if name in BLUEZ_BUSY:

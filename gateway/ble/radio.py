@@ -38,7 +38,9 @@ class Radio(Protocol):
         (or returns at once if this radio has nothing to watch)."""
         ...
 
-    async def release_stale(self, addresses: set[str], busy: set[str]) -> list[str]:
+    async def release_stale(
+        self, addresses: set[str], busy: Callable[[], set[str]]
+    ) -> list[str]:
         """Drop links the stack holds to bound devices outside any session; the ones dropped."""
         ...
 
@@ -71,7 +73,9 @@ class BlueZRadio:
         """Follow bluetoothd and the adapter on D-Bus (gateway.ble.bluez_watch)."""
         await BluezWatch(self._adapter, stale).run()
 
-    async def release_stale(self, addresses: set[str], busy: set[str]) -> list[str]:
+    async def release_stale(
+        self, addresses: set[str], busy: Callable[[], set[str]]
+    ) -> list[str]:
         """Disconnect links a dead client of bluetoothd left to our devices (bluez/bluez#89)."""
         return await release_stale_links(self._adapter, addresses, busy)
 

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 # How long a connection waits for the scanner to stop before it goes ahead anyway.
 STOP_WAIT_S = 10.0
+# Busy refusals of Connect while scanning, in a row, before scanning pauses for connections.
+REFUSALS_TO_LEARN = 2
 
 
 class ScanGate:
@@ -31,15 +33,28 @@ class ScanGate:
         self._open.set()
         self._stopped = asyncio.Event()
         self._stopped.set()
+        self._refusals = 0  # busy refusals of Connect while scanning, in a row
 
     @property
     def paused(self) -> bool:
         """Whether scanning is held off for a connection right now."""
         return self._holds > 0
 
-    def learn_exclusive(self) -> bool:
-        """The adapter refused to connect while scanning: pause from now on. True if new."""
+    @property
+    def scanning(self) -> bool:
+        """Whether a scanner is running (or starting) right now."""
+        return not self._stopped.is_set()
+
+    def refused_while_scanning(self) -> bool:
+        """A Connect was refused as busy while scanning; True when this makes it exclusive.
+
+        Two refusals in a row are needed: a single "in progress" also comes from a connection
+        attempt that was still pending, which pausing would not cure.
+        """
         if self.exclusive:
+            return False
+        self._refusals += 1
+        if self._refusals < REFUSALS_TO_LEARN:
             return False
         self.exclusive = True
         log.warning("the Bluetooth adapter refused a connection while scanning; from now on "
@@ -50,8 +65,13 @@ class ScanGate:
         """The scan loop waits here before it starts a scanner."""
         await self._open.wait()
 
+    def connected_while_scanning(self) -> None:
+        """A connection came up with the scanner on: the adapter can do both."""
+        if self.scanning:
+            self._refusals = 0
+
     def scanner_running(self, running: bool) -> None:
-        """The scan loop reports its scanner started or stopped."""
+        """The scan loop reports its scanner starting (before start) or stopped."""
         if running:
             self._stopped.clear()
         else:

@@ -51,7 +51,9 @@ class VirtualBleakRadio:
         """Nothing to watch: no daemon sits between the agent and the virtual radio."""
         del stale
 
-    async def release_stale(self, addresses: set[str], busy: set[str]) -> list[str]:
+    async def release_stale(
+        self, addresses: set[str], busy: Callable[[], set[str]]
+    ) -> list[str]:
         """No stack keeps links for a dead client here: a process's links die with it."""
         del addresses, busy
         return []

@@ -179,13 +179,18 @@ async def test_bluez_scanning_while_connecting_refused_by_the_adapter(
         cuff = demo_cuff(CUFF, readings=[bp(121, 78, 91, 85, 30)])
         await radio.add_peripheral(cuff)
         faults = BluezFaults(busy_while_discovering=True)
-        async with on_bluez(config(tmp_path, mosquitto), radio, faults=faults) as (_agent, bluez):
+        events = await mqtt_subscriber(mosquitto, "rpm/hub-test/events")
+        async with on_bluez(config(tmp_path, mosquitto), radio, faults=faults) as (agent, bluez):
             await sub.wait_for(1, timeout=40)
             await cuff.wait_disconnected(timeout=10)
             await cuff.measure(bp(125, 80, 95, 70, 0))
             await sub.wait_for(2, timeout=40)
             await until(lambda: bluez.discovering, timeout=10)  # scanning again afterwards
+            assert agent._gate.exclusive
+            assert agent.status.device(CUFF).sessions_ok == 2
     assert_once_each(sub, 2)
+    learnt = [p for p in events.payloads() if p["event"] == "radio_exclusive"]
+    assert len(learnt) == 1
 
 
 async def test_bluez_att_request_never_answered(
@@ -250,7 +255,7 @@ async def test_bluez_numeric_comparison_bonds_through_our_agent_only_for_that_de
             stale[0].disconnect()
         assert len(cuff.pairing_delegate.compared) >= 1  # numeric comparison, not Just Works
         assert await radio.has_bond(CUFF)
-        assert not await radio.has_bond(NEIGHBOUR)
+        # (The agent's refusal of any other device is tested in test_bluez_agent.py.)
     assert_once_each(sub, 1)
 
 
@@ -282,3 +287,25 @@ async def test_bluez_not_paired_without_security_elevation_pairs_and_delivers(
             assert ("Pair", "/org/bluez/hci0/dev_C0_00_00_00_BC_01") in bluez.calls
         assert await radio.has_bond(CUFF)
     assert_once_each(sub, 1)
+
+
+async def test_bluez_two_devices_pairing_at_once_both_bond(
+    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+) -> None:
+    # Review finding: each pair() registered its own agent as bluetoothd's default, and an
+    # agent answers only for its own device: two first pairings at once refused each other.
+    sub = await mqtt_subscriber(mosquitto, READINGS)
+    async with VirtualRadio() as radio:
+        first = demo_cuff(CUFF, readings=[bp(121, 78, 91, 85, 30)], bonding_required=True,
+                          pairing_io="display_yes_no")
+        second = demo_cuff(SCALE, name="SIM Cuff 2", readings=[bp(131, 88, 99, 75, 30)],
+                           bonding_required=True, pairing_io="display_yes_no")
+        await radio.add_peripheral(first)
+        await radio.add_peripheral(second)
+        policy = BluezPolicy(auto_elevate_security=False)  # both go through our pair()
+        async with on_bluez(config(tmp_path, mosquitto), radio, policy=policy) as (agent, _b):
+            await sub.wait_for(2, timeout=40)
+            assert agent.status.device(CUFF).sessions_failed == 0
+            assert agent.status.device(SCALE).sessions_failed == 0
+        assert await radio.has_bond(CUFF) and await radio.has_bond(SCALE)
+    assert_once_each(sub, 2)

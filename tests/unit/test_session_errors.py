@@ -59,10 +59,18 @@ A = "C0:00:00:00:BC:01"
                     ["The name org.bluez was not provided by any .service files"]), False,
      StackUnavailableError),
     (BleakDBusError("org.bluez.Error.Failed", ["Not connected"]), True, LinkAbortedError),
+    # Review: range and a link lost mid-pairing are not a refused bond (no re-pair advice).
+    (BleakDBusError("org.bluez.Error.ConnectionAttemptFailed", ["Page Timeout"]), False,
+     DeviceUnreachableError),
+    (BleakDBusError("org.bluez.Error.AuthenticationCanceled", ["Authentication Canceled"]), True,
+     LinkAbortedError),
+    (BleakError("pairing agent not registered: AgentManager1.RegisterAgent: ..."), True,
+     StackUnavailableError),
 ])
 def test_classify(err: BaseException, connected: bool, kind: type) -> None:
     e = classify(A, err, connected=connected)
     assert type(e) is kind
+    assert e.connected is connected
     assert str(e).startswith(A)
     assert e.advice in str(e)
 

@@ -97,7 +97,7 @@ class BluezStandIn:
         self._discovery: dict[str, dict[str, Any]] = {}  # sender -> its discovery filter
         self._filters: dict[str, dict[str, Any]] = {}
         self._scanning = False
-        self._agents: dict[str, RegisteredAgent] = {}  # path -> agent
+        self._agents: dict[str, RegisteredAgent] = {}  # by the D-Bus client (sender)
         self._default_agent: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
@@ -757,26 +757,25 @@ class BluezStandIn:
         raise _unknown_method(msg)
 
     def _agent_manager(self, member: str, sender: str, body: list[Any]) -> tuple[str, list[Any]]:
+        # agent.c keeps one agent per D-Bus client (by sender); the newest default wins.
         if member == "RegisterAgent":
             path, capability = body
             if capability not in ("DisplayOnly", "DisplayYesNo", "KeyboardOnly",
                                   "NoInputNoOutput", "KeyboardDisplay", ""):
                 raise DBusError(policy.ERR_INVALID_ARGUMENTS, "Invalid Arguments in method call")
-            if path in self._agents:
+            if sender in self._agents:
                 raise DBusError(policy.ERR_ALREADY_EXISTS, "Already Exists")
-            self._agents[path] = RegisteredAgent(sender, path, capability)
-        elif member == "UnregisterAgent":
-            agent = self._agents.get(body[0])
-            if agent is None or agent.sender != sender:
+            self._agents[sender] = RegisteredAgent(sender, path, capability)
+        elif member in ("UnregisterAgent", "RequestDefaultAgent"):
+            agent = self._agents.get(sender)
+            if agent is None or agent.path != body[0]:
                 raise DBusError(policy.ERR_DOES_NOT_EXIST, "Does Not Exist")
-            del self._agents[body[0]]
-            if self._default_agent == body[0]:
-                self._default_agent = None
-        elif member == "RequestDefaultAgent":
-            agent = self._agents.get(body[0])
-            if agent is None or agent.sender != sender:
-                raise DBusError(policy.ERR_DOES_NOT_EXIST, "Does Not Exist")
-            self._default_agent = body[0]
+            if member == "RequestDefaultAgent":
+                self._default_agent = sender
+            else:
+                del self._agents[sender]
+                if self._default_agent == sender:
+                    self._default_agent = None
         else:
             raise DBusError("org.freedesktop.DBus.Error.UnknownMethod", f"{member} not found")
         return "", []
@@ -786,10 +785,8 @@ class BluezStandIn:
         if self._discovery.pop(sender, None) is not None:
             self._spawn(self._update_scanning())
         self._filters.pop(sender, None)
-        for path in [p for p, a in self._agents.items() if a.sender == sender]:
-            del self._agents[path]
-            if self._default_agent == path:
-                self._default_agent = None
+        if self._agents.pop(sender, None) is not None and self._default_agent == sender:
+            self._default_agent = None
         for remote in self._remotes.values():
             for char in remote.gatt.client_gone(sender):
                 self._spawn(self._unsubscribe(remote, char))
