@@ -562,6 +562,8 @@ class BluezStandIn:
 
     async def _start_notify(self, path: str, sender: str) -> None:
         remote, char = self._characteristic(path)
+        if char.acquired:
+            raise DBusError(policy.ERR_NOT_PERMITTED, "Notify acquired")
         if sender in char.senders:
             return  # policy: a repeated StartNotify from the same client is a no-op
         if not char.senders and not char.acquired:
@@ -628,18 +630,19 @@ class BluezStandIn:
 
     async def _acquire_notify(self, path: str) -> tuple[int, int]:
         remote, char = self._characteristic(path)
-        if char.acquired:
-            raise DBusError(policy.ERR_IN_PROGRESS, "Notify acquired")
+        if char.acquired or char.senders:
+            # gatt-client.c: one way of notifying at a time (acquired, or StartNotify sessions).
+            raise DBusError(policy.ERR_NOT_PERMITTED, "Notify acquired" if char.acquired
+                            else "Notifying already started")
         fd = notify_socket(char)  # before subscribing: the first value may come at once
-        if not char.senders:
-            try:
-                await self._subscribe(remote, char)
-            except BaseException:
-                os.close(fd)
-                for sock in char.acquired:
-                    sock.close()
-                char.acquired.clear()
-                raise
+        try:
+            await self._subscribe(remote, char)
+        except BaseException:
+            os.close(fd)
+            for sock in char.acquired:
+                sock.close()
+            char.acquired.clear()
+            raise
         return fd, remote.mtu
 
     # -- D-Bus plumbing ----------------------------------------------------------------------

@@ -78,9 +78,12 @@ class Characteristic:
     acquired: list[socket.socket] = field(default_factory=list)  # AcquireNotify sockets
 
     def deliver(self, value: bytes) -> None:
-        """A notification or indication arrived: Value changes, every time (even if equal)."""
-        self.props.values["Value"] = value
-        self.props.emit_properties_changed({"Value": value})
+        """A notification or indication arrived: to the acquired socket, else as a Value change
+        (every time, even if equal)."""
+        if not self.acquired:
+            self.props.values["Value"] = value
+            self.props.emit_properties_changed({"Value": value})
+            return
         for sock in list(self.acquired):
             try:
                 sock.send(value)

@@ -2,6 +2,12 @@
 
 Every behaviour copied from BlueZ lives here under a name, so it can be checked against a
 ``dbus-monitor`` trace from a real hub and switched off to test the other path.
+
+Not yet checked against a trace (from BlueZ's sources and bleak's handling only): the error
+text when re-encryption with a stored key fails ("Authentication Failed" here; a real hub may
+answer with an errno text or an le-connection-abort), the text of a Connect cancelled by
+Disconnect ("Operation canceled"), and Pair's reply coming before services are resolved
+(bluetoothd answers Pair once the browse completes).
 """
 
 from __future__ import annotations
@@ -87,7 +93,5 @@ class BluezFaults:
     # Connect answers InProgress while the adapter is discovering (controllers that cannot
     # scan and initiate at once; HA's habluetooth pauses scanning for them).
     busy_while_discovering: bool = False
-    # Agent calls go to this agent path/sender instead of the registered one (a stale agent).
-    silent_agent: bool = False
     # Device paths whose Connect hangs until the client gives up (never answers).
     hang_connect: set[str] = field(default_factory=set)
