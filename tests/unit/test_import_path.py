@@ -9,7 +9,9 @@ import sys
 def test_production_path_does_not_import_bumble_or_the_simulator() -> None:
     code = (
         "import sys, gateway.cli, gateway.agent, gateway.ble.radio, gateway.config_check,"
-        " gateway.outbox, gateway.uplink, gateway.lograte, drivers.registry;"
+        " gateway.outbox, gateway.uplink, gateway.lograte, drivers.registry,"
+        " gateway.ble.bluez_agent, gateway.ble.bluez_client, gateway.ble.bluez_watch,"
+        " gateway.ble.scan_gate, gateway.ble.recovery, gateway.ble.adapter_control;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('bumble', 'amqtt')"
         " or m.startswith(('gateway.sim', 'drivers.simulated')));"
         "print(bad); sys.exit(1 if bad else 0)"
