@@ -11,15 +11,16 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from bleak import BleakClient, BleakScanner
+from bumble.gatt import Characteristic, CharacteristicValue, Service
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from drivers import uuids
-from drivers.simulated.blood_pressure import demo_cuff
+from drivers.simulated.blood_pressure import SimulatedBloodPressureMonitor, demo_cuff
 from drivers.simulated.weight_scale import demo_scale
 from gateway.sim.bluez.bus import PrivateBus, use_as_system_bus
 from gateway.sim.bluez.daemon import BluezStandIn
@@ -172,3 +173,47 @@ async def test_bluez_acquire_notify_hands_a_socket_with_the_mtu() -> None:
             os.close(fd)
             fd_bus.disconnect()
             assert data[0] & 0x02  # a Weight Measurement with a time stamp
+
+
+class _CuffWithControlPoint(SimulatedBloodPressureMonitor):
+    """A cuff with a vendor write-without-response characteristic (as some send commands)."""
+
+    written: ClassVar[list[bytes]] = []
+
+    def _standard_services(self) -> list[Service]:
+        def write(_connection: Any, value: bytes) -> None:
+            self.written.append(bytes(value))
+
+        control = Characteristic(
+            "12345678-1234-5678-1234-56789abcdef0",
+            Characteristic.Properties.WRITE_WITHOUT_RESPONSE, Characteristic.WRITEABLE,
+            CharacteristicValue(write=write))
+        vendor = Service("12345678-1234-5678-1234-56789abcdef1", [control])
+        return [*super()._standard_services(), vendor]
+
+
+async def test_bluez_acquire_write_turns_each_packet_into_a_write_command() -> None:
+    cuff = _CuffWithControlPoint(demo_cuff(CUFF, readings=1).script, intermediate_frames=0)
+    async with standin(cuff) as (_bluez, _raw):
+        device = await BleakScanner.find_device_by_address(CUFF, timeout=5)
+        assert device is not None
+        async with BleakClient(device, timeout=10) as client:
+            char = client.services.get_characteristic("12345678-1234-5678-1234-56789abcdef0")
+            assert char is not None
+            fd_bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+            reply = await fd_bus.call(Message(
+                destination="org.bluez", path=char.obj[0],
+                interface="org.bluez.GattCharacteristic1", member="AcquireWrite",
+                signature="a{sv}", body=[{}]))
+            assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
+            fd = reply.unix_fds[reply.body[0]]
+            assert reply.body[1] == 247  # the link's MTU
+            os.write(fd, b"\x01\x02")
+            os.write(fd, b"\x03")
+            deadline = time.monotonic() + 5
+            while len(_CuffWithControlPoint.written) < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            os.close(fd)
+            fd_bus.disconnect()
+    assert _CuffWithControlPoint.written == [b"\x01\x02", b"\x03"]

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -39,6 +40,7 @@ from gateway.sim.bluez.gatt import (
     att,
     dbus_error_for_att,
     notify_socket,
+    write_socket,
 )
 from gateway.sim.bluez.objects import AdapterProps, DeviceProps, _Bag
 from gateway.sim.bluez.pairing import AgentDelegate, AgentOutcome, RegisteredAgent, delegate_factory
@@ -71,7 +73,7 @@ class _Remote:
     pairing: asyncio.Task[None] | None = None
     resolving: asyncio.Task[None] | None = None
     mtu: int = 23
-    filters: dict[str, Any] = field(default_factory=dict)
+    write_sockets: list[socket.socket] = field(default_factory=list)  # AcquireWrite, this link
 
 
 class BluezStandIn:
@@ -438,6 +440,12 @@ class BluezStandIn:
     def _link_lost(self, remote: _Remote, reason: int) -> None:
         log.debug("bluez stand-in: %s disconnected (HCI reason %#04x)", remote.path, reason)
         remote.connection = None
+        loop = asyncio.get_running_loop()
+        for sock in remote.write_sockets:  # acquired write sockets close with the link
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+                sock.close()
+        remote.write_sockets.clear()
         if remote.resolving is not None:
             remote.resolving.cancel()
         remote.gatt.link_lost()
@@ -645,6 +653,23 @@ class BluezStandIn:
             raise
         return fd, remote.mtu
 
+    def _acquire_write(self, path: str) -> tuple[int, int]:
+        remote, char = self._characteristic(path)
+        if "write-without-response" not in char.props.values["Flags"]:
+            raise DBusError(policy.ERR_NOT_SUPPORTED, "Operation is not supported")
+
+        def write(packet: bytes) -> None:
+            self._spawn(self._write_command(remote, char, packet))
+
+        fd, sock = write_socket(write)
+        remote.write_sockets.append(sock)
+        return fd, remote.mtu
+
+    async def _write_command(self, remote: _Remote, char: Characteristic, value: bytes) -> None:
+        with contextlib.suppress(DBusError, ATT_Error):
+            await self._gatt(remote, functools.partial(
+                char.proxy.write_value, value, with_response=False))
+
     # -- D-Bus plumbing ----------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -756,7 +781,8 @@ class BluezStandIn:
                 fd, mtu = await self._acquire_notify(path)
                 return "hq", [fd, mtu]
             if member == "AcquireWrite":
-                raise DBusError(policy.ERR_NOT_SUPPORTED, "Operation is not supported")
+                fd, mtu = self._acquire_write(path)
+                return "hq", [fd, mtu]
         raise _unknown_method(msg)
 
     def _agent_manager(self, member: str, sender: str, body: list[Any]) -> tuple[str, list[Any]]:

@@ -204,6 +204,31 @@ async def att(
         raise DBusError(policy.ERR_FAILED, f"{what} failed: {e}") from e
 
 
+def write_socket(on_packet: Callable[[bytes], None]) -> tuple[int, socket.socket]:
+    """An AcquireWrite socket: each packet the client writes becomes one Write Command."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            packet = ours.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            packet = b""
+        if not packet:  # the client closed its end
+            loop.remove_reader(ours.fileno())
+            ours.close()
+            return
+        on_packet(packet)
+
+    loop.add_reader(ours.fileno(), readable)
+    fd = os.dup(theirs.fileno())
+    theirs.close()
+    return fd, ours
+
+
 def notify_socket(char: Characteristic) -> int:
     """An AcquireNotify socket: our end gets every value, the client's fd is returned."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
