@@ -12,6 +12,9 @@ the agent on the unique bus name that registered it, at the path it registered.
 import asyncio
 import logging
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -323,7 +326,11 @@ def _gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return False
+    try:  # a zombie nobody reaped yet (PID 1 in a container may not) is gone too
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status
 
 
 async def test_bluez_private_bus_leaves_no_daemon_behind() -> None:
@@ -414,3 +421,23 @@ def test_bluez_use_as_system_bus_restores_the_environment(monkeypatch: pytest.Mo
     with pytest.raises(KeyError), use_as_system_bus("unix:path=/b"):
         raise KeyError("body failed")
     assert os.environ[SYSTEM_BUS_VARIABLE] == "unix:path=/before"
+
+
+def test_bluez_private_bus_dies_with_a_killed_parent() -> None:
+    # `simulate --bluez` killed with SIGKILL must not leave its dbus-daemon running.
+    code = ("import time; from gateway.sim.bluez.bus import PrivateBus\n"
+            "b = PrivateBus(); b.start(); print(b.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        assert not _gone(pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 5
+        while not _gone(pid):
+            assert time.monotonic() < deadline, "dbus-daemon outlived its killed parent"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()

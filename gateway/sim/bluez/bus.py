@@ -48,6 +48,16 @@ _POLL_S = 0.01
 _STDERR_TAIL = 2000  # characters of the daemon's stderr quoted in a start-up error
 
 
+def _die_with_parent() -> list[str]:
+    """A command prefix that makes the daemon get SIGTERM if its parent is killed (kill -9).
+
+    util-linux's setpriv sets PR_SET_PDEATHSIG and execs; without it the daemon would outlive
+    a killed parent (it has its own session). No preexec_fn: unsafe with threads.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+
+
 def system_bus_env(address: str) -> dict[str, str]:
     """The environment entries that make a child process use `address` as its system bus."""
     return {SYSTEM_BUS_VARIABLE: address}
@@ -261,7 +271,8 @@ class PrivateBus:
             try:
                 with (self._dir / "stderr").open("wb") as stderr:
                     self._proc = subprocess.Popen(  # noqa: S603 - fixed binary, generated config
-                        [daemon, f"--config-file={config}", "--nofork", "--nopidfile",
+                        [*_die_with_parent(), daemon, f"--config-file={config}", "--nofork",
+                         "--nopidfile",
                          f"--print-address={write_fd}"],
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
