@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -49,6 +50,7 @@ from gateway.sim.radio import Advert, VirtualRadio, link_address
 log = logging.getLogger(__name__)
 
 _EXPIRY_TICK_S = 1.0
+CALLS_KEPT = 2000
 _UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
 _DISCOVERY_FILTERS = ("UUIDs", "RSSI", "Pathloss", "Transport", "DuplicateData", "Discoverable",
                       "Pattern")
@@ -103,7 +105,8 @@ class BluezStandIn:
         self._default_agent: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
-        self.calls: list[tuple[str, str]] = []  # (member, path) of every method call, for tests
+        # (member, path) of the latest method calls, for tests; bounded for long demo runs.
+        self.calls: deque[tuple[str, str]] = deque(maxlen=CALLS_KEPT)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -378,8 +381,6 @@ class BluezStandIn:
             raise DBusError(policy.ERR_IN_PROGRESS, "Operation already in progress")
         if self.faults.busy_while_discovering and self._scanning:
             raise DBusError(policy.ERR_IN_PROGRESS, "Operation already in progress")
-        if remote.path in self.faults.hang_connect:
-            await asyncio.Event().wait()
         task = asyncio.get_running_loop().create_task(
             self.radio.connect(remote.address, self.policy.connect_timeout_s))
         remote.connecting = task

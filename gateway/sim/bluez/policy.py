@@ -12,7 +12,7 @@ Disconnect ("Operation canceled"), and Pair's reply coming before services are r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 BLUEZ = "org.bluez"
 ADAPTER = "org.bluez.Adapter1"
@@ -93,5 +93,3 @@ class BluezFaults:
     # Connect answers InProgress while the adapter is discovering (controllers that cannot
     # scan and initiate at once; HA's habluetooth pauses scanning for them).
     busy_while_discovering: bool = False
-    # Device paths whose Connect hangs until the client gives up (never answers).
-    hang_connect: set[str] = field(default_factory=set)
