@@ -309,3 +309,25 @@ async def test_bluez_two_devices_pairing_at_once_both_bond(
             assert agent.status.device(SCALE).sessions_failed == 0
         assert await radio.has_bond(CUFF) and await radio.has_bond(SCALE)
     assert_once_each(sub, 2)
+
+
+async def test_bluez_a_cuff_that_forgot_its_bond_is_reported_and_keeps_its_memory(
+    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+) -> None:
+    # A battery change or factory reset wipes the cuff's keys: re-encryption with the hub's
+    # stored key fails. The agent must say "bond lost" (with pairing-mode advice), once, and
+    # never take the cuff's records without a bond.
+    sub = await mqtt_subscriber(mosquitto, READINGS)
+    events = await mqtt_subscriber(mosquitto, "rpm/hub-test/events")
+    async with VirtualRadio() as radio:
+        cuff = demo_cuff(CUFF, readings=3, bonding_required=True, forget_bond_after=1,
+                         drop_link_after=1)
+        await radio.add_peripheral(cuff)
+        async with on_bluez(config(tmp_path, mosquitto), radio) as (agent, _bluez):
+            await sub.wait_for(1, timeout=20)
+            await events.wait_until(
+                lambda _: any(p["event"] == "bond_lost" for p in events.payloads()), 30)
+            assert "pairing mode" in str(agent.status.device(CUFF).last_error)
+            assert cuff.unsent == 2  # still on the cuff, not taken over an unbonded link
+    assert_once_each(sub, 1)
+    assert len([p for p in events.payloads() if p["event"] == "bond_lost"]) == 1
