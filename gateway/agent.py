@@ -86,8 +86,11 @@ class Agent:
         self._radio = radio  # an already-open radio (tests); None: open the configured one
         self.pairings = Pairings(cfg.devices)
         self.status = HubStatus(hub_id=cfg.hub.id)
+        for address in self.pairings.addresses():
+            self.status.device(address)  # every binding is in the status from the start
         trust = cfg.hub.trust_clock
         self._clock_synced = clock_synced or (hub_clock_synced if trust is None else lambda: trust)
+        self.status.hub_clock_synced = self._clock_synced()
         self._stop = asyncio.Event()
         self._active: set[str] = set()
         self._cooldown_until: dict[str, float] = {}
@@ -583,7 +586,9 @@ class Agent:
             ctx.stats.stored += 1
             if attributed:
                 self.status.stored += 1
-                self.status.device(address).readings += 1
+                entry = self.status.device(address)
+                entry.readings += 1
+                entry.last_reading = _now()
                 if self.uplink is not None:
                     self.uplink.reading_stored()
             else:

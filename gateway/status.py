@@ -15,6 +15,7 @@ class DeviceStatus:
 
     last_seen: str | None = None
     last_session: str | None = None
+    last_reading: str | None = None  # when the last reading of this device was stored (UTC)
     last_error: str | None = None
     sessions_ok: int = 0
     sessions_failed: int = 0

@@ -255,3 +255,21 @@ async def test_radio_quiet_s_ends_a_session_with_a_device_that_never_hangs_up(
             await sub.wait_for(1, timeout=15)
             await until(lambda: agent.status.device(CUFF).sessions_ok == 1, timeout=3)
             assert cuff.connection_count == 1
+
+
+async def test_every_binding_is_in_the_status_from_the_start_with_its_last_reading(
+    tier: str, tmp_path: Path, mosquitto: LocalBroker
+) -> None:
+    async with VirtualRadio() as radio:
+        scale = demo_scale(SCALE, readings=1)
+        async with running(config(tmp_path, mosquitto), radio, tier) as agent:
+            doc = agent._status_dict()
+            devices = doc["devices"]
+            assert isinstance(devices, dict)
+            assert set(devices) == {CUFF, SCALE}  # before either has advertised
+            assert devices[CUFF]["last_reading"] is None
+            assert doc["hub_clock_synced"] is True  # hub.trust_clock = true says so from the start
+            await radio.add_peripheral(scale)
+            await until(lambda: agent.status.device(SCALE).readings == 1, timeout=15)
+            assert agent.status.device(SCALE).last_reading is not None
+            assert agent.status.device(CUFF).last_reading is None
