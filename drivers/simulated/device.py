@@ -95,8 +95,9 @@ AttErrorTarget = Literal["info", "cccd"]
 SilentFrom = Literal["connect", "session"]
 """Where a never-answering device goes silent: from the link's start, or after discovery."""
 
-PairingIo = Literal["none", "display_yes_no"]
-"""What the device has for pairing: nothing (Just Works) or a display and a yes/no button."""
+PairingIo = Literal["none", "display_yes_no", "display_only"]
+"""What the device has for pairing: nothing (Just Works), a display and a yes/no button
+(numeric comparison), or a display only (it shows a passkey the hub must type)."""
 
 SILENT_HOLD_S = 600.0
 """How long a never-answering device holds the link before hanging up (the hub should go first)."""
@@ -258,16 +259,20 @@ class _SimPairingDelegate(PairingDelegate):
     def __init__(self, accept: bool, io: PairingIo = "none") -> None:
         # No identity key: the device keeps its static address, and an IRK would make bumble's
         # central scan for a resolvable address before every reconnection.
+        capabilities = {
+            "none": PairingDelegate.IoCapability.NO_OUTPUT_NO_INPUT,
+            "display_yes_no": PairingDelegate.IoCapability.DISPLAY_OUTPUT_AND_YES_NO_INPUT,
+            "display_only": PairingDelegate.IoCapability.DISPLAY_OUTPUT_ONLY,
+        }
         super().__init__(
-            io_capability=(PairingDelegate.IoCapability.DISPLAY_OUTPUT_AND_YES_NO_INPUT
-                           if io == "display_yes_no"
-                           else PairingDelegate.IoCapability.NO_OUTPUT_NO_INPUT),
+            io_capability=capabilities[io],
             local_responder_key_distribution=(
                 PairingDelegate.KeyDistribution.DISTRIBUTE_ENCRYPTION_KEY
             ),
         )
         self._accept = accept
         self.compared: list[int] = []  # the six-digit numbers shown, one per numeric comparison
+        self.shown: list[int] = []  # the passkeys displayed for the hub to type
 
     async def accept(self) -> bool:
         """Whether the device agrees to pair."""
@@ -278,6 +283,11 @@ class _SimPairingDelegate(PairingDelegate):
         del digits
         self.compared.append(number)
         return self._accept
+
+    async def display_number(self, number: int, digits: int) -> None:
+        """The passkey on the device's screen, for the technician to type on the hub."""
+        del digits
+        self.shown.append(number)
 
 
 def uuid16(value: int) -> UUID:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -77,6 +77,13 @@ class AgentRegistrationError(Exception):
         )
 
 
+PasskeySource = Callable[[], Awaitable[int | None]]
+"""Asked for the six digits the device shows (None: none entered, the pairing is refused)."""
+PasskeyShow = Callable[[int], None]
+"""Told the six digits to type on the device."""
+MAX_PASSKEY = 999_999
+
+
 class AgentRequest(NamedTuple):
     """One question bluetoothd asked the agent, and the answer it got."""
 
@@ -121,6 +128,8 @@ class PairingAgent:
         self._registered = False
         self._expected: str | None = None
         self._authorized: set[str] = set()
+        self._passkey: PasskeySource | None = None
+        self._show: PasskeyShow | None = None
 
     # -- pairing decisions --------------------------------------------------------------------
 
@@ -140,21 +149,32 @@ class PairingAgent:
         return frozenset(self._authorized)
 
     @contextlib.contextmanager
-    def expect(self, device_path: str) -> Iterator[None]:
+    def expect(
+        self,
+        device_path: str,
+        *,
+        passkey: PasskeySource | None = None,
+        show: PasskeyShow | None = None,
+    ) -> Iterator[None]:
         """Accept bluetoothd's pairing questions about `device_path` (only) while inside.
 
-        A Bluetooth address is taken too, as the device on hci0. One device at a time: the
-        gateway pairs devices one after the other, and a second expectation would widen what
-        a stranger could slip in.
+        `passkey` answers passkey entry (the device shows six digits, the hub types them:
+        e.g. a technician's prompt); without it passkey entry is refused. `show` is told the
+        six digits when the device is the one that types (the hub displays). A Bluetooth
+        address is taken too, as the device on hci0. One device at a time: the gateway pairs
+        devices one after the other, and a second expectation would widen what a stranger
+        could slip in.
         """
         path = _as_device_path(device_path)
         if self._expected is not None:
             raise RuntimeError(f"already pairing {self._expected}; cannot also expect {path}")
         self._expected = path
+        self._passkey, self._show = passkey, show
         try:
             yield
         finally:
             self._expected = None
+            self._passkey = self._show = None
 
     def allow(self, device_path: str) -> None:
         """Authorise `device_path`'s service connections (AuthorizeService) from now on."""
@@ -178,6 +198,27 @@ class PairingAgent:
         self.requests.append(AgentRequest(method, device, False))
         log.warning("agent: %s for %s refused (%s)", method, device, text)
         raise DBusError(ERROR_REJECTED, text)
+
+    async def _passkey_for(self, device: str) -> int:
+        """Passkey entry for the expected device, from the caller's source; else Rejected."""
+        if device != self._expected or self._passkey is None:
+            why = ("passkey entry is not supported yet" if device == self._expected
+                   else f"{device} is not the device being paired")
+            self._refuse("RequestPasskey", device, why)
+        source = self._passkey
+        assert source is not None
+        value = await source()
+        if value is None or not 0 <= value <= MAX_PASSKEY:
+            self._refuse("RequestPasskey", device, "no passkey was entered")
+            return 0  # not reached: _refuse raises
+        self.requests.append(AgentRequest("RequestPasskey", device, True))
+        log.info("agent: RequestPasskey for %s answered", device)
+        return value
+
+    def _display(self, method: str, device: str, passkey: int) -> None:
+        self._decide(method, device)
+        if self._show is not None:
+            self._show(passkey)
 
     def _on_release(self) -> None:
         self.released = True
@@ -296,10 +337,9 @@ class _Agent1(ServiceInterface):
         return ""
 
     @dbus_method()
-    def RequestPasskey(self, device: DBusObjectPath) -> DBusUInt32:
-        """Passkey entry: refused, the hub has no way to enter one yet."""
-        self._agent._refuse("RequestPasskey", device, "passkey entry is not supported yet")
-        return 0
+    async def RequestPasskey(self, device: DBusObjectPath) -> DBusUInt32:
+        """Passkey entry: the six digits the device shows, from the pairing's passkey source."""
+        return await self._agent._passkey_for(device)
 
     @dbus_method()
     def DisplayPinCode(self, device: DBusObjectPath, pincode: DBusStr) -> None:
@@ -313,7 +353,7 @@ class _Agent1(ServiceInterface):
         """The device is to type `passkey`; logged at debug only."""
         # A passkey is a secret: never logged above debug.
         log.debug("agent: passkey for %s is %06d (%d typed)", device, passkey, entered)
-        self._agent._decide("DisplayPasskey", device)
+        self._agent._display("DisplayPasskey", device, passkey)
 
     @dbus_method()
     def RequestConfirmation(self, device: DBusObjectPath, passkey: DBusUInt32) -> None:

@@ -441,3 +441,26 @@ def test_bluez_private_bus_dies_with_a_killed_parent() -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+async def test_bluez_agent_passkey_entry_only_for_the_expected_device(bluez: FakeAgentManager) -> None:
+    shown: list[int] = []
+
+    async def technician_types() -> int | None:
+        return 123456
+
+    async with PairingAgent(capability="KeyboardDisplay") as agent:
+        with agent.expect(CUFF, passkey=technician_types, show=shown.append):
+            reply = await bluez.ask("RequestPasskey", "o", [CUFF])
+            assert accepted(reply) and reply.body == [123456]
+            other = await bluez.ask("RequestPasskey", "o", [NEIGHBOUR])
+            assert other.error_name == ERROR_REJECTED
+            assert accepted(await bluez.ask("DisplayPasskey", "ouq", [CUFF, 654321, 0]))
+            assert not accepted(await bluez.ask("DisplayPasskey", "ouq", [NEIGHBOUR, 111111, 0]))
+        assert shown == [654321]  # only the device being paired gets its digits shown
+
+        async def nobody_typed() -> int | None:
+            return None
+
+        with agent.expect(CUFF, passkey=nobody_typed):
+            assert (await bluez.ask("RequestPasskey", "o", [CUFF])).error_name == ERROR_REJECTED

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 from bleak import BleakClient, BleakScanner
+from bleak.exc import BleakDBusError
 from bumble.gatt import Characteristic, CharacteristicValue, Service
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -22,6 +23,7 @@ from dbus_fast.aio import MessageBus
 from drivers import uuids
 from drivers.simulated.blood_pressure import SimulatedBloodPressureMonitor, demo_cuff
 from drivers.simulated.weight_scale import demo_scale
+from gateway.ble.bluez_agent import PairingAgent, device_path
 from gateway.sim.bluez.bus import PrivateBus, use_as_system_bus
 from gateway.sim.bluez.daemon import BluezStandIn
 from gateway.sim.bluez.policy import BluezPolicy
@@ -217,3 +219,40 @@ async def test_bluez_acquire_write_turns_each_packet_into_a_write_command() -> N
             os.close(fd)
             fd_bus.disconnect()
     assert _CuffWithControlPoint.written == [b"\x01\x02", b"\x03"]
+
+
+async def test_bluez_passkey_entry_through_our_agent_bonds_only_with_the_right_digits() -> None:
+    # A cuff with a display only shows six digits; the hub types them (the technician's
+    # prompt, here a callback reading the cuff's screen). Wrong digits fail the pairing.
+    cuff = demo_cuff(CUFF, readings=1, bonding_required=True, pairing_io="display_only")
+    async with standin(cuff) as (bluez, _raw):
+        device = await BleakScanner.find_device_by_address(CUFF, timeout=5)
+        assert device is not None
+        path = device_path(CUFF)
+
+        shown = cuff.pairing_delegate.shown
+
+        async def read_screen() -> int:
+            """The technician reads the cuff's screen once it shows this pairing's digits."""
+            seen = len(agent.requests)
+            while len(shown) <= seen:
+                await asyncio.sleep(0.01)
+            return shown[-1]
+
+        async def wrong() -> int | None:
+            return (await read_screen() + 1) % 1_000_000
+
+        async def typed() -> int | None:
+            return await read_screen()
+
+        async with PairingAgent(capability="KeyboardDisplay") as agent:
+            async with BleakClient(device, timeout=10) as client:
+                with agent.expect(path, passkey=wrong), pytest.raises(BleakDBusError):
+                    await client.pair()
+            assert not await bluez.radio.has_bond(CUFF)
+            async with BleakClient(device, timeout=10) as client:
+                with agent.expect(path, passkey=typed):
+                    await client.pair()
+            assert await bluez.radio.has_bond(CUFF)
+        assert [r.method for r in agent.requests].count("RequestPasskey") == 2
+        assert len(cuff.pairing_delegate.shown) == 2
