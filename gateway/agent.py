@@ -29,6 +29,9 @@ from gateway.ble.recovery import RecoveryLadder, Step
 from gateway.ble.scan_gate import ScanGate
 from gateway.ble.session import SessionContext, run_session
 from gateway.config import DeviceBinding, GatewayConfig
+from gateway.days import DaysWithData, period_on
+from gateway.enrolment import FILENAME as ENROLMENT_FILE
+from gateway.enrolment import EnrolmentStore, enrolled_on
 from gateway.intake import belongs_to, build_reading, commit
 from gateway.lograte import StateLog
 from gateway.outbox import Outbox, OutboxError, PutResult
@@ -121,6 +124,7 @@ class Agent:
         self._scan_error: str | None = None  # why the scanner last failed to start, until it starts
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
+        self._enrolment: EnrolmentStore | None = None
 
     def stop(self) -> None:
         """Ask the agent to finish: sessions are cancelled, committed readings stay committed."""
@@ -153,6 +157,7 @@ class Agent:
                 self.outbox = outbox
                 self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self._status_dict)
                 self._report_recovery(outbox)
+                self._enrolment = EnrolmentStore(self.cfg.hub.data_dir / ENROLMENT_FILE)
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self.uplink.run(), name="uplink")
@@ -713,6 +718,7 @@ class Agent:
                     await outbox.prune()
                 stats = await outbox.stats()
                 self.status.outbox = dataclasses.asdict(stats)
+                self.status.days_with_data = await self._days_with_data(outbox)
             except OutboxError as e:
                 log.error("outbox housekeeping failed: %s", e)
             if self.uplink is not None:
@@ -721,6 +727,26 @@ class Agent:
                 async with asyncio.timeout(HOUSEKEEPING_INTERVAL_S):
                     await self._refresh.wait()
             self._refresh.clear()
+
+    async def _days_with_data(self, outbox: Outbox) -> dict[str, dict[str, object]]:
+        """Per patient: days with data in the current 30-day period (gateway.days)."""
+        store = self._enrolment
+        if store is None:
+            return {}
+        today = self._local_now().date()
+        store.ensure(self.pairings.addresses(), today)
+        anchors: dict[str, dt.date] = {}
+        for binding in self.cfg.devices:
+            day = enrolled_on(binding, store, today)
+            anchors[binding.patient_id] = min(day, anchors.get(binding.patient_id, day))
+        result: dict[str, dict[str, object]] = {}
+        for patient, enrolled in sorted(anchors.items()):
+            period = period_on(enrolled, today)
+            days = await outbox.days_with_data(patient, period.start.isoformat(),
+                                               period.end.isoformat())
+            result[patient] = DaysWithData(tuple(days), period, today).as_dict()
+        return result
+
 
 def _kind(reason: str | None) -> str | None:
     """The kind of a storage gate reason: its words before the first colon."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import tomllib
 from pathlib import Path
@@ -150,6 +151,9 @@ class DeviceBinding(_Section):
     patient_id: Annotated[str, Field(pattern=ID_RE.pattern)]
     driver: str | None = None  # None: chosen by the driver registry from the advertisement
     user_index: int | None = None  # the device's user slot for this patient, if it has slots
+    # The day monitoring with this device began (anchors the 30-day billing periods); None:
+    # the day the hub first ran with this binding (recorded in <data_dir>/enrolment.json).
+    enrolled: dt.date | None = None
 
     @field_validator("address", mode="before")
     @classmethod

@@ -211,6 +211,8 @@ def _wording(err: ErrorDetails) -> str:
         words = "must be a number (without quotes)"
     elif kind in ("bool_type", "bool_parsing"):
         words = "must be true or false (without quotes)"
+    elif kind.startswith(("date_", "datetime_")):
+        words = "must be a date written as 2026-11-02 (year-month-day)"
     elif kind == "value_error":
         return str(err["msg"]).removeprefix("Value error, ")
     else:

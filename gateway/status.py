@@ -64,6 +64,8 @@ class HubStatus:
     # What the outbox found at start-up when its file was damaged or empty, if anything.
     outbox_recovery: dict[str, object] | None = None
     radio_recovery: RadioRecoveryStatus = field(default_factory=RadioRecoveryStatus)
+    # Per patient: days with data in the current 30-day billing period (gateway.days).
+    days_with_data: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def device(self, address: str) -> DeviceStatus:
         """The entry for a paired device, created on first use."""
@@ -97,6 +99,7 @@ class HubStatus:
             "unknown_devices_seen": len(self.unknown_seen),
             "outbox": self.outbox,
             "devices": {a: vars(d) for a, d in sorted(self.devices.items())},
+            "days_with_data": self.days_with_data,
         }
 
 

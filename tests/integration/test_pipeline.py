@@ -273,3 +273,9 @@ async def test_every_binding_is_in_the_status_from_the_start_with_its_last_readi
             await until(lambda: agent.status.device(SCALE).readings == 1, timeout=15)
             assert agent.status.device(SCALE).last_reading is not None
             assert agent.status.device(CUFF).last_reading is None
+            # The scale's reading (stamped yesterday) is a day with data in the first period,
+            # which begins on the day the hub first ran with these bindings.
+            await until(lambda: bool(agent.status.days_with_data), timeout=10)
+    ours = agent.status.days_with_data["patient-1"]
+    assert ours["needed"] == 16 and ours["days_left"] == 29
+    assert (tmp_path / "enrolment.json").exists()

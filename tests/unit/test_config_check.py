@@ -74,6 +74,10 @@ def test_toml_error_at_end_of_document() -> None:
          'must be a number (without quotes) (got "x")'),
         ('[hub]\nid = "h"\ntrust_clock = "maybe"\n',
          "hub.trust_clock", 'must be true or false (without quotes) (got "maybe")'),
+        (MINIMAL + '[[devices]]\naddress = "A4:C1:38:00:00:01"\npatient_id = "p"\n'
+         'enrolled = "last week"\n', "devices[1].enrolled",
+         'must be a date written as 2026-11-02 (year-month-day) (got "last week") '
+         '([[devices]] entry 1, line 3)'),
         (MINIMAL + "outbox = 3\n", "hub.outbox",
          'unknown key (misspelt?): "outbox" belongs in the top level'),
         ('outbox = 3\n' + MINIMAL, "outbox",
