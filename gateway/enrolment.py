@@ -30,6 +30,8 @@ class EnrolmentStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._first_seen: dict[str, dt.date] = {}
+        self._dirty = False  # days in memory not yet on disk
+        self._failing = False  # the last write failed (warned once)
         self._load()
 
     def _load(self) -> None:
@@ -60,13 +62,20 @@ class EnrolmentStore:
         new = {a.upper() for a in addresses} - set(self._first_seen)
         for address in new:
             self._first_seen[address] = today
-        if not new and self.path.exists():
+        self._dirty = self._dirty or bool(new) or not self.path.exists()
+        if not self._dirty:
             return True
         try:
             self._write()
         except OSError as e:
-            log.warning("could not record enrolment dates in %s: %s", self.path, e)
+            # Once per failure streak: on a full disk this is retried every housekeeping round.
+            (log.debug if self._failing else log.warning)(
+                "could not record enrolment dates in %s: %s", self.path, e)
+            self._failing = True
             return False
+        if self._failing:
+            log.info("enrolment dates recorded in %s", self.path)
+        self._dirty = self._failing = False
         return True
 
     def _write(self) -> None:

@@ -85,9 +85,13 @@ def test_a_failed_write_is_reported_and_the_day_kept(tmp_path: Path) -> None:
     try:
         store = EnrolmentStore(tmp_path / "enrolment.json")
         assert not store.ensure(["AA:BB:CC:DD:EE:01"], D(2026, 11, 2))
+        assert not store.ensure(["AA:BB:CC:DD:EE:01"], D(2026, 11, 3))  # retried, quietly
         assert store.first_seen("AA:BB:CC:DD:EE:01") == D(2026, 11, 2)
     finally:
         tmp_path.chmod(0o700)
+    assert store.ensure([], D(2026, 11, 4))  # space again: written now
+    assert EnrolmentStore(tmp_path / "enrolment.json").first_seen("AA:BB:CC:DD:EE:01") == D(
+        2026, 11, 2)
 
 
 def _weight_at(local: dt.datetime, kg_raw: int = 16270) -> bytes:
@@ -126,3 +130,28 @@ async def test_a_simulated_month_counts_each_local_day_once(tmp_path: Path) -> N
     got = DaysWithData(tuple(days), period, D(2026, 11, 20))
     assert got.days == ("2026-11-02", "2026-11-03", "2026-12-01")
     assert got.words() == "3 of 16 days, 11 days left in period"
+
+
+def test_a_full_disk_warns_once_and_writes_when_space_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="gateway.enrolment")
+    store = EnrolmentStore(tmp_path / "enrolment.json")
+    real_replace = os.replace
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    for day in range(2, 12):  # ten housekeeping rounds on a full disk
+        assert not store.ensure(["AA:BB:CC:DD:EE:01"], D(2026, 11, day))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no litter
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert store.ensure(["AA:BB:CC:DD:EE:01"], D(2026, 11, 12))
+    assert EnrolmentStore(tmp_path / "enrolment.json").first_seen("AA:BB:CC:DD:EE:01") == D(
+        2026, 11, 2)
