@@ -62,6 +62,16 @@ async def call(bus: MessageBus, path: str, interface: str, member: str, signatur
     return reply
 
 
+async def acquire(path: str, member: str) -> tuple[MessageBus, int, int]:
+    """AcquireNotify/AcquireWrite on a bus that passes fds: (the bus, the fd, the MTU)."""
+    bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+    reply = await bus.call(Message(
+        destination="org.bluez", path=path, interface="org.bluez.GattCharacteristic1",
+        member=member, signature="a{sv}", body=[{}]))
+    assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
+    return bus, reply.unix_fds[reply.body[0]], int(reply.body[1])
+
+
 async def managed(bus: MessageBus) -> dict[str, Any]:
     reply = await call(bus, "/", "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
     return dict(reply.body[0])
@@ -162,14 +172,8 @@ async def test_bluez_acquire_notify_hands_a_socket_with_the_mtu() -> None:
         async with BleakClient(device, timeout=10) as client:
             char = client.services.get_characteristic(WEIGHT_MEASUREMENT)
             assert char is not None
-            fd_bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
-            reply = await fd_bus.call(Message(
-                destination="org.bluez", path=char.obj[0],
-                interface="org.bluez.GattCharacteristic1", member="AcquireNotify",
-                signature="a{sv}", body=[{}]))
-            assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
-            fd = reply.unix_fds[reply.body[0]]
-            assert reply.body[1] == 247
+            fd_bus, fd, mtu = await acquire(char.obj[0], "AcquireNotify")
+            assert mtu == 247
             loop = asyncio.get_running_loop()
             data = await asyncio.wait_for(loop.run_in_executor(None, os.read, fd, 512), 5)
             os.close(fd)
@@ -202,14 +206,8 @@ async def test_bluez_acquire_write_turns_each_packet_into_a_write_command() -> N
         async with BleakClient(device, timeout=10) as client:
             char = client.services.get_characteristic("12345678-1234-5678-1234-56789abcdef0")
             assert char is not None
-            fd_bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
-            reply = await fd_bus.call(Message(
-                destination="org.bluez", path=char.obj[0],
-                interface="org.bluez.GattCharacteristic1", member="AcquireWrite",
-                signature="a{sv}", body=[{}]))
-            assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
-            fd = reply.unix_fds[reply.body[0]]
-            assert reply.body[1] == 247  # the link's MTU
+            fd_bus, fd, mtu = await acquire(char.obj[0], "AcquireWrite")
+            assert mtu == 247  # the link's MTU
             os.write(fd, b"\x01\x02")
             os.write(fd, b"\x03")
             deadline = time.monotonic() + 5
