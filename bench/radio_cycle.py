@@ -22,7 +22,8 @@ from bleak.backends.scanner import AdvertisementData
 
 from drivers import uuids
 from drivers.simulated.weight_scale import demo_scale, demo_weight_readings
-from gateway.ble.radio import BlueZRadio, Radio
+from gateway.ble.bluez_radio import BlueZRadio
+from gateway.ble.radio import Radio
 from gateway.sim.bluez.bus import PrivateBus, use_as_system_bus
 from gateway.sim.bluez.daemon import BluezStandIn
 from gateway.sim.radio import VirtualRadio

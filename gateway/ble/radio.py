@@ -1,19 +1,18 @@
-"""The one injection point for bleak's backend: BlueZ on the hub, the virtual radio elsewhere."""
+"""The one injection point for bleak's backend: BlueZ on the hub (gateway.ble.bluez_radio), the
+virtual radio elsewhere (gateway.sim.wiring)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementDataCallback
 
-from gateway.ble.adapter_control import AdapterControl, BluezAdapterControl
-from gateway.ble.bluez_client import AgentBleakClient
-from gateway.ble.bluez_watch import BluezWatch, release_stale_links
+from gateway.ble.adapter_control import AdapterControl
 from gateway.config import RadioConfig
 
 
@@ -45,41 +44,6 @@ class Radio(Protocol):
         ...
 
 
-class BlueZRadio:
-    """The platform's own bleak backend (BlueZ over D-Bus on the hub)."""
-
-    kind = "bluez"
-
-    def __init__(self, adapter: str | None) -> None:
-        self._adapter = adapter
-        self.control: AdapterControl = BluezAdapterControl(adapter)
-
-    def scanner(self, callback: AdvertisementDataCallback) -> BleakScanner:
-        """A BlueZ scanner on the configured adapter."""
-        if self._adapter:
-            return BleakScanner(detection_callback=callback, bluez={"adapter": self._adapter})
-        return BleakScanner(detection_callback=callback)
-
-    def client(
-        self, device: BLEDevice, disconnected: Callable[[BleakClient], None], timeout: float
-    ) -> BleakClient:
-        """A BlueZ client on the configured adapter."""
-        extra: dict[str, Any] = {"bluez": {"adapter": self._adapter}} if self._adapter else {}
-        return AgentBleakClient(
-            device, disconnected_callback=disconnected, timeout=timeout, adapter=self._adapter,
-            **extra)
-
-    async def watch(self, stale: Callable[[str], None]) -> None:
-        """Follow bluetoothd and the adapter on D-Bus (gateway.ble.bluez_watch)."""
-        await BluezWatch(self._adapter, stale).run()
-
-    async def release_stale(
-        self, addresses: set[str], busy: Callable[[], set[str]]
-    ) -> list[str]:
-        """Disconnect links a dead client of bluetoothd left to our devices (bluez/bluez#89)."""
-        return await release_stale_links(self._adapter, addresses, busy)
-
-
 @contextlib.asynccontextmanager
 async def open_radio(cfg: RadioConfig, zone: ZoneInfo | None = None) -> AsyncIterator[Radio]:
     """The radio the config asks for; the virtual one brings its simulated devices.
@@ -88,6 +52,10 @@ async def open_radio(cfg: RadioConfig, zone: ZoneInfo | None = None) -> AsyncIte
     there; None: UTC).
     """
     if cfg.kind == "bluez":
+        # Imported here: dbus-fast exists only on Linux, and a developer's laptop runs the
+        # virtual radio without it.
+        from gateway.ble.bluez_radio import BlueZRadio  # noqa: PLC0415
+
         yield BlueZRadio(cfg.adapter)
         return
     # Imported here so bumble never loads on the hub (design.md §4).

@@ -22,7 +22,8 @@ from bleak.backends.device import BLEDevice
 
 from gateway.agent import Agent
 from gateway.ble.bluez_agent import device_path as bluez_device_path
-from gateway.ble.radio import BlueZRadio, Radio
+from gateway.ble.bluez_radio import BlueZRadio
+from gateway.ble.radio import Radio
 from gateway.config import GatewayConfig
 from gateway.sim.bluez.bus import PrivateBus, use_as_system_bus
 from gateway.sim.bluez.daemon import BluezStandIn

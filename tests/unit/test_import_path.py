@@ -11,6 +11,7 @@ def test_production_path_does_not_import_bumble_or_the_simulator() -> None:
         "import sys, gateway.cli, gateway.agent, gateway.ble.radio, gateway.config_check,"
         " gateway.outbox, gateway.uplink, gateway.lograte, drivers.registry,"
         " gateway.ble.bluez_agent, gateway.ble.bluez_client, gateway.ble.bluez_watch,"
+        " gateway.ble.bluez_radio,"
         " gateway.ble.scan_gate, gateway.ble.recovery, gateway.ble.adapter_control;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('bumble', 'amqtt')"
         " or m.startswith(('gateway.sim', 'drivers.simulated')));"
@@ -18,3 +19,16 @@ def test_production_path_does_not_import_bumble_or_the_simulator() -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, f"production imports pulled in: {p.stdout}"
+
+
+def test_the_agent_and_the_virtual_radio_load_without_dbus_fast() -> None:
+    # dbus-fast is a Linux-only dependency: a developer's laptop runs the agent on the virtual
+    # radio without it. Only the BlueZ radio (gateway.ble.bluez_radio) may need it.
+    code = (
+        "import sys; sys.modules['dbus_fast'] = None;"
+        " import gateway.cli, gateway.agent, gateway.ble.radio, gateway.sim.wiring;"
+        "bad = sorted(m for m in sys.modules if m.startswith('gateway.ble.bluez'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, f"needs dbus-fast at import: {p.stdout}{p.stderr[-500:]}"
