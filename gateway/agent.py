@@ -98,7 +98,6 @@ class Agent:
         self._active: set[str] = set()
         self._cooldown_until: dict[str, float] = {}
         self._wanted: asyncio.Queue[tuple[BLEDevice, AdvertisementData]] = asyncio.Queue()
-        self._events: set[asyncio.Task[None]] = set()
         self._known_info: dict[str, DeviceInfo] = {}  # per address, from the first session
         self._refresh = asyncio.Event()  # the status changed: publish it now
         self._idle_runs: dict[str, int] = {}  # sessions in a row that brought nothing, per device
@@ -115,7 +114,7 @@ class Agent:
                                       now=time.monotonic())
         self._rescan = asyncio.Event()  # set: the scan loop drops its scanner and opens a new one
         self._gate = ScanGate(self._rescan, exclusive=radio_cfg.pause_scan_to_connect)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
         self._stack_backoff: dict[str, tuple[float, float]] = {}  # reason -> (next at, delay)
         self._stack_was_reset = False  # bluetoothd restarted under the current scanner
         self._scan_attempts = 0
@@ -274,7 +273,7 @@ class Agent:
         if reason == "bluetoothd restarted":
             self._stack_was_reset = True
             self._event("bluetoothd_restarted", {})
-            self._spawn(self._release_stale_quietly(radio))
+            self._spawn(self._release_stale(radio))
         if self._gate.paused and reason.startswith("discovery stopped"):
             return  # discovery is off on purpose: a connection holds the adapter
         now = asyncio.get_running_loop().time()
@@ -291,9 +290,6 @@ class Agent:
         self._log_state.warning("stack", reason, "radio: %s; opening a new scanner", reason)
         self._rescan.set()
 
-    async def _release_stale_quietly(self, radio: Radio) -> None:
-        await self._release_stale(radio)
-
     async def _release_stale(self, radio: Radio) -> bool:
         """Disconnect bound devices the stack keeps connected outside our sessions; done?"""
         try:
@@ -307,8 +303,9 @@ class Agent:
                         "that stopped without disconnecting); disconnected it", address)
         return True
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        """Run `coro` in the background, held until done (events, stale-link release)."""
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -700,9 +697,7 @@ class Agent:
         """Queue an event for the events topic without waiting (no patient data in it)."""
         if self.uplink is None:
             return
-        task = asyncio.get_running_loop().create_task(self.uplink.publish_event(name, detail))
-        self._events.add(task)
-        task.add_done_callback(self._events.discard)
+        self._spawn(self.uplink.publish_event(name, detail))
 
     def _local_now(self) -> dt.datetime:
         return dt.datetime.now(self.cfg.hub.zone).replace(tzinfo=None)

@@ -65,7 +65,6 @@ class BluezWatch:
         self._stale = stale
         self._settle: asyncio.Task[None] | None = None
         self._bus: MessageBus | None = None
-        self.restarts = 0  # times bluetoothd came back on the bus
         self._gone = False  # bluetoothd left and has not come back yet
 
     async def run(self) -> None:
@@ -115,7 +114,6 @@ class BluezWatch:
                 reset_bleak_cache()
                 self._gone = True
             elif new:
-                self.restarts += 1
                 log.warning("bluetoothd is back on the system bus; rescanning")
                 if not self._gone:
                     # Replaced without a gap: the cache is stale. Otherwise it was already

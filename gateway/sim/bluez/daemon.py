@@ -45,7 +45,7 @@ from gateway.sim.bluez.gatt import (
 )
 from gateway.sim.bluez.objects import AdapterProps, DeviceProps, _Bag
 from gateway.sim.bluez.pairing import AgentDelegate, AgentOutcome, RegisteredAgent, delegate_factory
-from gateway.sim.radio import Advert, VirtualRadio, link_address
+from gateway.sim.radio import Advert, VirtualRadio
 
 log = logging.getLogger(__name__)
 
@@ -827,15 +827,6 @@ class BluezStandIn:
         """A device's current Device1 properties, or None if bluetoothd does not know it."""
         remote = self._remotes.get(device_path(self.adapter_path, address))
         return dict(remote.props.values) if remote is not None else None
-
-    def is_connected(self, address: str) -> bool:
-        """Whether the stand-in holds a link to `address`."""
-        remote = self._remotes.get(device_path(self.adapter_path, address))
-        return remote is not None and remote.connection is not None
-
-    def link_address(self, address: str) -> hci.Address:
-        """The bumble address of a device (for key store look-ups)."""
-        return link_address(address)
 
 
 def _unknown_method(msg: Message) -> DBusError:
