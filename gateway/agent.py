@@ -30,12 +30,10 @@ from gateway.ble.scan_gate import ScanGate
 from gateway.ble.session import SessionContext, run_session
 from gateway.config import DeviceBinding, GatewayConfig
 from gateway.days import DaysWithData, period_on
-from gateway.enrolment import FILENAME as ENROLMENT_FILE
-from gateway.enrolment import EnrolmentStore, enrolled_on
 from gateway.intake import belongs_to, build_reading, commit
 from gateway.lograte import StateLog
 from gateway.outbox import Outbox, OutboxError, PutResult
-from gateway.registry import Pairings
+from gateway.pairings import enrolled_on, open_pairings
 from gateway.status import HubStatus
 from gateway.timebase import hub_clock_plausible, hub_clock_synced
 from gateway.uplink import Uplink
@@ -52,6 +50,8 @@ STORAGE_CHECK_S = 5.0
 # The last this many commit windows (notification callback → commit returned) are summarised.
 COMMIT_WINDOWS_KEPT = 2000
 HOUSEKEEPING_INTERVAL_S = 60.0
+# How often the pairing registry's file is looked at (a stat) for changes made by the CLI.
+PAIRINGS_CHECK_S = 1.0
 PRUNE_INTERVAL_S = 3600.0
 SCAN_RETRY_MIN_S = 2.0
 SCAN_RETRY_MAX_S = 60.0
@@ -87,7 +87,7 @@ class Agent:
                  radio: Radio | None = None) -> None:
         self.cfg = cfg
         self._radio = radio  # an already-open radio (tests); None: open the configured one
-        self.pairings = Pairings(cfg.devices)
+        self.pairings = open_pairings(cfg.devices, cfg.hub.data_dir)
         self.status = HubStatus(hub_id=cfg.hub.id)
         for address in self.pairings.addresses():
             self.status.device(address)  # every binding is in the status from the start
@@ -123,7 +123,6 @@ class Agent:
         self._scan_error: str | None = None  # why the scanner last failed to start, until it starts
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
-        self._enrolment: EnrolmentStore | None = None
 
     def stop(self) -> None:
         """Ask the agent to finish: sessions are cancelled, committed readings stay committed."""
@@ -156,11 +155,11 @@ class Agent:
                 self.outbox = outbox
                 self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self._status_dict)
                 self._report_recovery(outbox)
-                self._enrolment = EnrolmentStore(self.cfg.hub.data_dir / ENROLMENT_FILE)
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self.uplink.run(), name="uplink")
                         tg.create_task(self._watch_storage(), name="storage gate")
+                        tg.create_task(self._watch_pairings(), name="pairing registry")
                         tg.create_task(self._scan(radio), name="scanner")
                         tg.create_task(self._watch_radio(radio), name="radio watchdog")
                         tg.create_task(self._watch_stack(radio), name="stack watch")
@@ -574,7 +573,8 @@ class Agent:
                       binding: DeviceBinding, driver: Driver, synced: bool) -> bool:
         """Store one measurement; False when it is not the bound patient's (stored unattributed)."""
         assert self.outbox is not None
-        attributed = belongs_to(binding, m)
+        # Unpaired or re-bound while the session ran: not the session's patient any more.
+        attributed = self.pairings.lookup(address) == binding and belongs_to(binding, m)
         part = driver.part_for(m.characteristic) if isinstance(driver, CombinedDriver) else driver
         reading = build_reading(
             m, hub_id=self.cfg.hub.id, binding=binding, address=address, info=ctx.stats.info,
@@ -654,6 +654,26 @@ class Agent:
             await self._storage_blocked()
             await asyncio.sleep(STORAGE_CHECK_S)
 
+    async def _watch_pairings(self) -> None:
+        """Pick up bindings made or removed by `rpm-gateway pair`/`unpair` (one stat a second)."""
+        while True:
+            await asyncio.sleep(PAIRINGS_CHECK_S)
+            if self.pairings.refresh():
+                self.pairings_changed()
+
+    def pairings_changed(self) -> None:
+        """The allowlist changed: new devices are read from their next advertisement, removed
+        ones no more (a session under way stores what it gets as unattributed)."""
+        bound = self.pairings.addresses()
+        for address in bound:
+            self.status.device(address)
+            self._cooldown_until.pop(address, None)
+            self._idle_runs.pop(address, None)
+        for address in set(self.status.devices) - bound:
+            del self.status.devices[address]
+        log.info("pairing registry changed: %d paired device(s)", len(bound))
+        self._refresh.set()
+
     def _report_recovery(self, outbox: Outbox) -> None:
         report = outbox.recovery
         if report is None:
@@ -725,13 +745,13 @@ class Agent:
 
     async def _days_with_data(self, outbox: Outbox) -> dict[str, dict[str, object]]:
         """Per patient: days with data in the current 30-day period (gateway.days)."""
-        store = self._enrolment
-        if store is None:
-            return {}
+        store = self.pairings.registry
         today = self._local_now().date()
-        store.ensure(self.pairings.addresses(), today)
+        if store is not None:
+            store.ensure(self.pairings.addresses(), today)
         anchors: dict[str, dt.date] = {}
-        for binding in self.cfg.devices:
+        for bound in self.pairings.all():
+            binding = bound.binding
             day = enrolled_on(binding, store, today)
             anchors[binding.patient_id] = min(day, anchors.get(binding.patient_id, day))
         result: dict[str, dict[str, object]] = {}

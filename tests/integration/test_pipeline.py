@@ -278,4 +278,4 @@ async def test_every_binding_is_in_the_status_from_the_start_with_its_last_readi
             await until(lambda: bool(agent.status.days_with_data), timeout=10)
     ours = agent.status.days_with_data["patient-1"]
     assert ours["needed"] == 16 and ours["days_left"] == 29
-    assert (tmp_path / "enrolment.json").exists()
+    assert (tmp_path / "pairings.json").exists()

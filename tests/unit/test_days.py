@@ -15,9 +15,9 @@ from drivers.base import DeviceInfo
 from drivers.weight_scale import decode_weight
 from gateway.config import DeviceBinding, OutboxConfig
 from gateway.days import DaysWithData, Period, period_on
-from gateway.enrolment import EnrolmentStore, enrolled_on
 from gateway.intake import build_reading, outbox_item
 from gateway.outbox import Outbox, PutResult
+from gateway.pairings import PairingRegistry, enrolled_on
 from tests.unit.test_intake import CHICAGO
 
 D = dt.date
@@ -55,11 +55,11 @@ def test_words_and_codes() -> None:
 
 
 def test_enrolment_is_recorded_once_atomically_and_survives_restart(tmp_path: Path) -> None:
-    path = tmp_path / "enrolment.json"
-    store = EnrolmentStore(path)
+    path = tmp_path / "pairings.json"
+    store = PairingRegistry(path)
     assert store.ensure(["aa:bb:cc:dd:ee:01"], D(2026, 11, 2))
     assert store.ensure(["AA:BB:CC:DD:EE:01", "AA:BB:CC:DD:EE:02"], D(2026, 11, 9))
-    again = EnrolmentStore(path)
+    again = PairingRegistry(path)
     assert again.first_seen("AA:BB:CC:DD:EE:01") == D(2026, 11, 2)  # the first day stays
     assert again.first_seen("aa:bb:cc:dd:ee:02") == D(2026, 11, 9)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -69,12 +69,12 @@ def test_enrolment_is_recorded_once_atomically_and_survives_restart(tmp_path: Pa
                        D(2026, 12, 1)) == D(2026, 12, 1)
 
 
-def test_an_unreadable_enrolment_file_is_kept_aside_not_overwritten(tmp_path: Path) -> None:
-    path = tmp_path / "enrolment.json"
+def test_an_unreadable_registry_file_is_kept_aside_not_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "pairings.json"
     path.write_text("{not json")
-    store = EnrolmentStore(path)
+    store = PairingRegistry(path)
     assert store.first_seen("AA:BB:CC:DD:EE:01") is None
-    assert (tmp_path / "enrolment.json.unreadable").read_text() == "{not json"
+    assert (tmp_path / "pairings.json.unreadable").read_text() == "{not json"
     assert store.ensure(["AA:BB:CC:DD:EE:01"], D(2026, 11, 2))
     assert json.loads(path.read_text())["first_seen"] == {"AA:BB:CC:DD:EE:01": "2026-11-02"}
 
@@ -83,14 +83,14 @@ def test_an_unreadable_enrolment_file_is_kept_aside_not_overwritten(tmp_path: Pa
 def test_a_failed_write_is_reported_and_the_day_kept(tmp_path: Path) -> None:
     tmp_path.chmod(0o500)
     try:
-        store = EnrolmentStore(tmp_path / "enrolment.json")
+        store = PairingRegistry(tmp_path / "pairings.json")
         assert not store.ensure(["AA:BB:CC:DD:EE:01"], D(2026, 11, 2))
         assert not store.ensure(["AA:BB:CC:DD:EE:01"], D(2026, 11, 3))  # retried, quietly
         assert store.first_seen("AA:BB:CC:DD:EE:01") == D(2026, 11, 2)
     finally:
         tmp_path.chmod(0o700)
     assert store.ensure([], D(2026, 11, 4))  # space again: written now
-    assert EnrolmentStore(tmp_path / "enrolment.json").first_seen("AA:BB:CC:DD:EE:01") == D(
+    assert PairingRegistry(tmp_path / "pairings.json").first_seen("AA:BB:CC:DD:EE:01") == D(
         2026, 11, 2)
 
 
@@ -138,8 +138,8 @@ def test_a_full_disk_warns_once_and_writes_when_space_returns(
     import errno
     import logging
 
-    caplog.set_level(logging.DEBUG, logger="gateway.enrolment")
-    store = EnrolmentStore(tmp_path / "enrolment.json")
+    caplog.set_level(logging.DEBUG, logger="gateway.pairings")
+    store = PairingRegistry(tmp_path / "pairings.json")
     real_replace = os.replace
 
     def full(*_: object) -> None:
@@ -153,5 +153,5 @@ def test_a_full_disk_warns_once_and_writes_when_space_returns(
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no litter
     monkeypatch.setattr(os, "replace", real_replace)
     assert store.ensure(["AA:BB:CC:DD:EE:01"], D(2026, 11, 12))
-    assert EnrolmentStore(tmp_path / "enrolment.json").first_seen("AA:BB:CC:DD:EE:01") == D(
+    assert PairingRegistry(tmp_path / "pairings.json").first_seen("AA:BB:CC:DD:EE:01") == D(
         2026, 11, 2)

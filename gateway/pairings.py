@@ -1,0 +1,344 @@
+"""Which devices this hub may read and which patient each belongs to: the allowlist (default deny).
+
+Two sources, one view (`Pairings`): bindings provisioned in the config file, and bindings a
+technician made with `rpm-gateway pair`, kept in the pairing registry ``<data_dir>/pairings.json``.
+The registry also records the day the hub first ran with each binding (the anchor of its 30-day
+billing periods when the config gives no `enrolled` date).
+
+The registry is written atomically (temporary file, fsync, rename, fsync of the directory) under
+an exclusive lock, re-reading the file first: the agent and a CLI that works alone never undo
+each other's change, and a crash mid-write leaves the old file or the new one. A running agent
+notices a change by the file's identity (inode, size, mtime) and picks it up without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from gateway.config import DeviceBinding
+
+log = logging.getLogger(__name__)
+
+FILENAME = "pairings.json"
+# Written by the release before the registry held them; read once, never written again.
+LEGACY_ENROLMENT_FILE = "enrolment.json"
+VERSION = 1
+
+Source = Literal["config", "registry"]
+
+
+class RegistryError(Exception):
+    """The registry could not be written; the message says where and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistryEntry:
+    """A binding made with `pair`, and who made it when."""
+
+    binding: DeviceBinding
+    paired_at: str  # UTC, ...Z
+    paired_by: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        """The entry as stored in the file."""
+        b = self.binding
+        return {"address": b.address, "patient_id": b.patient_id, "user_index": b.user_index,
+                "driver": b.driver, "enrolled": b.enrolled.isoformat() if b.enrolled else None,
+                "paired_at": self.paired_at, "paired_by": self.paired_by}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RegistryEntry:
+        """An entry from the file; raises ValueError/KeyError/ValidationError when malformed."""
+        binding = DeviceBinding.model_validate(
+            {k: doc[k] for k in ("address", "patient_id", "user_index", "driver", "enrolled")
+             if doc.get(k) is not None})
+        return cls(binding, str(doc["paired_at"]), doc.get("paired_by"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """One entry of the allowlist with where it comes from."""
+
+    binding: DeviceBinding
+    source: Source
+    entry: RegistryEntry | None = None  # the registry's record, for a binding made with `pair`
+
+
+class PairingRegistry:
+    """The registry file: bindings made with `pair`, and first-seen days of every binding.
+
+    A missing file is an empty registry. An unreadable one is moved aside (it is the evidence
+    of who was bound) and the registry starts empty: default deny, never a guess.
+    """
+
+    def __init__(self, path: Path, *, legacy_enrolment: Path | None = None) -> None:
+        self.path = path
+        self._legacy = legacy_enrolment
+        self._entries: dict[str, RegistryEntry] = {}
+        self._first_seen: dict[str, dt.date] = {}
+        self._identity: tuple[int, int, int] | None = None
+        self._dirty = False  # first-seen days in memory not yet on disk
+        self._failing = False  # the last write of first-seen days failed (warned once)
+        self.problem: str | None = None  # why the file could not be read, if it could not
+        self.load()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def changed_on_disk(self) -> bool:
+        """Whether the file is not the one last read or written here (cheap: one stat)."""
+        return self._stat() != self._identity
+
+    def load(self) -> None:
+        """(Re)read the file."""
+        self._identity = self._stat()
+        self._entries, self._first_seen, self.problem = self._read()
+        if self._identity is None and self._legacy is not None:
+            self._import_legacy(self._legacy)
+
+    def _read(self) -> tuple[dict[str, RegistryEntry], dict[str, dt.date], str | None]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}, {}, None
+        except OSError as e:
+            # Not moved aside: the file may be fine and the error passing (EIO, EACCES).
+            problem = f"cannot read {self.path}: {(e.strerror or type(e).__name__).lower()}"
+            log.error("pairing registry: %s; only the config's devices are read", problem)
+            return {}, {}, problem
+        try:
+            doc = json.loads(text)
+            entries = {}
+            for raw in doc.get("bindings", []):
+                entry = RegistryEntry.from_json(raw)
+                entries[entry.binding.address] = entry
+            seen = {str(a).upper(): dt.date.fromisoformat(d)
+                    for a, d in doc.get("first_seen", {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as e:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            problem = f"{self.path} was unreadable ({type(e).__name__}); kept as {aside.name}"
+            log.error("pairing registry: %s; its devices are not read until paired again",
+                      problem)
+            self._identity = None
+            return {}, {}, problem
+        return entries, seen, None
+
+    def _import_legacy(self, path: Path) -> None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            seen = json.loads(path.read_text(encoding="utf-8"))["first_seen"]
+            self._first_seen = {str(a).upper(): dt.date.fromisoformat(d) for a, d in seen.items()}
+            self._dirty = bool(self._first_seen)
+
+    def entries(self) -> dict[str, RegistryEntry]:
+        """The bindings made with `pair`, by address (upper case)."""
+        return dict(self._entries)
+
+    def first_seen(self, address: str) -> dt.date | None:
+        """The day the hub first ran with a binding of `address`, if recorded."""
+        return self._first_seen.get(address.upper())
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def bind(self, binding: DeviceBinding, *, by: str | None = None,
+             now: dt.datetime | None = None) -> RegistryEntry:
+        """Add or replace the binding of `binding.address`; on disk when this returns."""
+        when = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+        entry = RegistryEntry(binding, when.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                              by)
+
+        def change(entries: dict[str, RegistryEntry], _: dict[str, dt.date]) -> None:
+            entries[binding.address] = entry
+
+        self._update(change)
+        return entry
+
+    def unbind(self, address: str) -> RegistryEntry | None:
+        """Remove the binding of `address` (None if the registry had none); on disk when done."""
+        removed: list[RegistryEntry] = []
+
+        def change(entries: dict[str, RegistryEntry], seen: dict[str, dt.date]) -> None:
+            entry = entries.pop(address.upper(), None)
+            if entry is not None:
+                removed.append(entry)
+                # A later `pair` starts a new enrolment; the old periods are the clinic's record.
+                seen.pop(address.upper(), None)
+
+        self._update(change)
+        return removed[0] if removed else None
+
+    def ensure(self, addresses: Iterable[str], today: dt.date) -> bool:
+        """Record `today` as first seen for every address without a day; True once on disk.
+
+        A write that fails (disk full, read-only) is logged once per failure streak and tried
+        again at the next call; the days are kept in memory meanwhile.
+        """
+        new = {a.upper() for a in addresses} - set(self._first_seen)
+        for address in new:
+            self._first_seen[address] = today
+        self._dirty = self._dirty or bool(new)
+        if not self._dirty:
+            return True
+        wanted = dict(self._first_seen)
+
+        def change(_: dict[str, RegistryEntry], seen: dict[str, dt.date]) -> None:
+            for address, day in wanted.items():
+                seen.setdefault(address, day)
+
+        try:
+            self._update(change)
+        except RegistryError as e:
+            (log.debug if self._failing else log.warning)(
+                "could not record enrolment dates: %s", e)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("enrolment dates recorded in %s", self.path)
+        self._dirty = self._failing = False
+        return True
+
+    def _update(self, change: Callable[[dict[str, RegistryEntry], dict[str, dt.date]], None]) -> None:
+        """Re-read under the lock, apply `change`, write atomically; raises RegistryError."""
+        try:
+            with self._locked():
+                if self.changed_on_disk():
+                    entries, seen, problem = self._read()
+                    if problem is None:
+                        self._entries = entries
+                        self._first_seen = {**self._first_seen, **seen}
+                entries, seen = dict(self._entries), dict(self._first_seen)
+                change(entries, seen)
+                _write_atomically(self.path, _dump(entries, seen))
+                self._entries, self._first_seen = entries, seen
+                self._identity = self._stat()
+                self.problem = None
+        except OSError as e:
+            raise RegistryError(
+                f"cannot write {self.path}: {(e.strerror or type(e).__name__).lower()}") from e
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock_path = self.path.with_name("." + self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o660)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
+def _dump(entries: dict[str, RegistryEntry], seen: dict[str, dt.date]) -> str:
+    doc = {"version": VERSION,
+           "bindings": [entries[a].as_json() for a in sorted(entries)],
+           "first_seen": {a: d.isoformat() for a, d in sorted(seen.items())}}
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Pairings:
+    """The allowlist: config bindings first, then the registry's; anyone else is never read.
+
+    A config binding cannot be overridden from the registry: the clinic provisioned it, and
+    the config file is where it is changed.
+    """
+
+    def __init__(self, config: Iterable[DeviceBinding], registry: PairingRegistry | None = None) -> None:
+        self._config = {b.address.upper(): b for b in config}
+        self.registry = registry
+        self._by_address: dict[str, Bound] = {}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        merged: dict[str, Bound] = {}
+        if self.registry is not None:
+            for address, entry in self.registry.entries().items():
+                merged[address] = Bound(entry.binding, "registry", entry)
+        for address, binding in self._config.items():
+            merged[address] = Bound(binding, "config")
+        self._by_address = merged
+
+    def refresh(self) -> bool:
+        """Re-read the registry if it changed on disk; True when the allowlist changed."""
+        if self.registry is None or not self.registry.changed_on_disk():
+            return False
+        before = {a: b.binding for a, b in self._by_address.items()}
+        self.registry.load()
+        self._rebuild()
+        return before != {a: b.binding for a, b in self._by_address.items()}
+
+    def reloaded(self) -> None:
+        """Take the registry as it is in memory now (after a bind or unbind in this process)."""
+        self._rebuild()
+
+    def lookup(self, address: str) -> DeviceBinding | None:
+        """The binding for an address, None for anyone else's device."""
+        bound = self._by_address.get(address.upper())
+        return None if bound is None else bound.binding
+
+    def bound(self, address: str) -> Bound | None:
+        """The binding with its source."""
+        return self._by_address.get(address.upper())
+
+    def all(self) -> list[Bound]:
+        """Every binding, by address."""
+        return [self._by_address[a] for a in sorted(self._by_address)]
+
+    def addresses(self) -> set[str]:
+        """Every bound device's address (upper case)."""
+        return set(self._by_address)
+
+    def __len__(self) -> int:
+        return len(self._by_address)
+
+
+def open_pairings(config: Iterable[DeviceBinding], data_dir: Path) -> Pairings:
+    """The allowlist of a hub whose state lives in `data_dir`."""
+    registry = PairingRegistry(data_dir / FILENAME, legacy_enrolment=data_dir / LEGACY_ENROLMENT_FILE)
+    return Pairings(config, registry)
+
+
+def enrolled_on(binding: DeviceBinding, registry: PairingRegistry | None, today: dt.date) -> dt.date:
+    """The binding's enrolment day: set by `pair` or the config, else first seen, else today."""
+    if binding.enrolled is not None:
+        return binding.enrolled
+    seen = registry.first_seen(binding.address) if registry is not None else None
+    return seen or today
