@@ -153,6 +153,8 @@ class OutboxStats:
     checksum_failures: int = 0  # rows whose payload no longer matched its checksum, ever
     salvaged: int = 0  # rows copied out of a corrupt outbox file, ever
     salvage_lost: int = 0  # rows found in a corrupt file that could not be read back, ever
+    # Unattributed readings deleted unassigned at the retention limit (keep_delivered_days), ever.
+    unattributed_dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +399,11 @@ class Outbox:
         return await self._run(self._days_sync, patient_id, since_day, until_day)
 
     async def prune(self) -> None:
-        """Delete old delivered rows and apply the pending size/age policy (logged at WARNING)."""
+        """Delete old delivered rows and apply the pending size/age policy (logged at WARNING).
+
+        Unattributed readings older than ``keep_delivered_days`` are deleted too, counted in
+        :attr:`OutboxStats.unattributed_dropped` (persisted) and logged at INFO (counts only).
+        """
         await self._run(self._prune_sync)
 
     # --- worker-thread side -------------------------------------------------------------------
@@ -900,6 +906,7 @@ class Outbox:
             checksum_failures=int(counters.get("checksum_failures", 0)),
             salvaged=int(counters.get("salvaged", 0)),
             salvage_lost=int(counters.get("salvage_lost", 0)),
+            unattributed_dropped=int(counters.get("unattributed_dropped", 0)),
         )
 
     @staticmethod
@@ -922,10 +929,13 @@ class Outbox:
             "DELETE FROM readings WHERE delivered_at IS NOT NULL AND delivered_at < ?",
             (keep_since,),
         ).rowcount
-        # Unattributed readings are kept as long as delivered ones (for de-duplication only).
+        # Unattributed readings are kept as long as delivered ones, for de-duplication and for
+        # a technician to assign (assign()); past that they are dropped, and counted: a reading
+        # nobody claimed is still a measurement the clinic never saw.
         removed_guests = conn.execute(
             "DELETE FROM readings WHERE patient_id IS NULL AND created_at < ?", (keep_since,)
         ).rowcount
+        guests_total = self._bump(conn, "unattributed_dropped", removed_guests) if removed_guests else 0
         # Age is a time-to-live whatever the policy: a reading undelivered for this long is
         # no use to the clinic, and keeping it would let one dead broker fill the disk.
         expired = conn.execute(
@@ -944,6 +954,11 @@ class Outbox:
             )
         conn.execute("COMMIT")
         self._backlog = self._backlog_count(conn)
-        if removed or removed_guests:
-            log.info("outbox: pruned %d delivered and %d unattributed reading(s) older than %d days",
-                     removed, removed_guests, cfg.keep_delivered_days)
+        if removed:
+            log.info("outbox: pruned %d delivered reading(s) older than %d days",
+                     removed, cfg.keep_delivered_days)
+        if removed_guests:
+            # Counts only: which readings (and whose slot) is patient data, never logged here.
+            log.info("outbox: dropped %d unattributed reading(s) nobody assigned within %d days; "
+                     "%d dropped unassigned so far", removed_guests, cfg.keep_delivered_days,
+                     guests_total)
