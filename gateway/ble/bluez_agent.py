@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -31,6 +31,8 @@ from dbus_fast import BusType, DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusObjectPath, DBusStr, DBusUInt16, DBusUInt32
 from dbus_fast.service import ServiceInterface, dbus_method
+
+from gateway.ble.prompts import PasskeyShow, PasskeySource
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,6 @@ class AgentRegistrationError(Exception):
         )
 
 
-PasskeySource = Callable[[], Awaitable[int | None]]
-"""Asked for the six digits the device shows (None: none entered, the pairing is refused)."""
-PasskeyShow = Callable[[int], None]
-"""Told the six digits to type on the device."""
 MAX_PASSKEY = 999_999
 
 

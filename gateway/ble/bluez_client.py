@@ -15,7 +15,13 @@ from typing import Any
 from bleak import BleakClient
 from bleak.exc import BleakError
 
-from gateway.ble.bluez_agent import AgentRegistrationError, PairingAgent, device_path
+from gateway.ble import prompts
+from gateway.ble.bluez_agent import (
+    DEFAULT_CAPABILITY,
+    AgentRegistrationError,
+    PairingAgent,
+    device_path,
+)
 
 # One pairing at a time per event loop: bluetoothd asks only the newest default agent, and
 # ours answers only for its own device, so two at once would refuse each other's questions.
@@ -40,10 +46,16 @@ class AgentBleakClient(BleakClient):
 
     async def pair(self, *args: Any, **kwargs: Any) -> None:
         """Pair (and bond) with the device, answering only its own pairing questions."""
+        passkey, show = prompts.current()
+        # A technician at the keyboard (rpm-gateway pair) can type the digits a glucometer
+        # shows: KeyboardDisplay makes SMP choose passkey entry for a display-only device,
+        # where DisplayYesNo would fall back to Just Works, which such a device refuses.
+        capability = "KeyboardDisplay" if passkey is not None else DEFAULT_CAPABILITY
         async with _pairing_lock():
             try:
-                async with PairingAgent() as agent:
-                    with agent.expect(device_path(self.address, self._agent_adapter)):
+                async with PairingAgent(capability=capability) as agent:
+                    with agent.expect(device_path(self.address, self._agent_adapter),
+                                      passkey=passkey, show=show):
                         await super().pair(*args, **kwargs)
             except AgentRegistrationError as e:
                 # A session error like the others (bluetoothd refused or is gone), not a bug.

@@ -14,7 +14,8 @@ from bleak.backends.scanner import AdvertisementDataCallback
 
 from gateway.ble.adapter_control import AdapterControl, BluezAdapterControl
 from gateway.ble.bluez_client import AgentBleakClient
-from gateway.ble.bluez_watch import BluezWatch, release_stale_links
+from gateway.ble.bluez_devices import bonded_addresses, release_stale_links, remove_device
+from gateway.ble.bluez_watch import BluezWatch
 
 
 class BlueZRadio:
@@ -50,3 +51,11 @@ class BlueZRadio:
     ) -> list[str]:
         """Disconnect links a dead client of bluetoothd left to our devices (bluez/bluez#89)."""
         return await release_stale_links(self._adapter, addresses, busy)
+
+    async def bonds(self) -> set[str]:
+        """Devices bluetoothd has bonded (Device1.Bonded or Paired)."""
+        return await bonded_addresses(self._adapter)
+
+    async def forget(self, address: str) -> bool:
+        """Adapter1.RemoveDevice: the bond and bluetoothd's record of the device go."""
+        return await remove_device(self._adapter, address)

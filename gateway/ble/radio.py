@@ -43,6 +43,14 @@ class Radio(Protocol):
         """Drop links the stack holds to bound devices outside any session; the ones dropped."""
         ...
 
+    async def bonds(self) -> set[str]:
+        """Addresses the hub holds a bond for (upper case)."""
+        ...
+
+    async def forget(self, address: str) -> bool:
+        """Remove the bond (and any link) to `address`; False if there was none."""
+        ...
+
 
 @contextlib.asynccontextmanager
 async def open_radio(cfg: RadioConfig, zone: ZoneInfo | None = None) -> AsyncIterator[Radio]:

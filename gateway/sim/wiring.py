@@ -58,6 +58,14 @@ class VirtualBleakRadio:
         del addresses, busy
         return []
 
+    async def bonds(self) -> set[str]:
+        """Addresses whose keys are in the virtual hub's key store."""
+        return {a.upper() for a in self.radio.peripherals if await self.radio.has_bond(a)}
+
+    async def forget(self, address: str) -> bool:
+        """Delete the virtual hub's keys for `address`."""
+        return await self.radio.remove_bond(address)
+
 
 class VirtualAdapterControl:
     """AdapterControl on the virtual radio: the hub's bumble device stands in for the adapter."""

@@ -1,0 +1,269 @@
+"""The local control socket: how the CLI asks a running agent to scan, pair, or report.
+
+The agent is the one owner of the radio (a second process scanning and connecting at the same
+time is what makes BlueZ answer "Operation already in progress"), so `rpm-gateway scan`,
+`pair`, `status`... send their request here when an agent listens, and do the work themselves
+only when none does.
+
+Protocol: JSON lines over a Unix stream socket. The client sends one request
+``{"op": NAME, "args": {...}, "by": WHO}``; the server answers with any number of
+``{"progress": {...}}`` lines, ``{"ask": {"what": ..., "prompt": ...}}`` lines the client
+answers with one ``{"answer": TEXT}`` line each (a passkey typed by the technician), and ends
+with ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TEXT, "exit": CODE}``.
+
+The socket is mode 0660: the service's group (the technician's) may use it, nobody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# One request line, or one answer: far more than any request needs, and a bound on a stranger.
+MAX_LINE = 64 * 1024
+# A client that sends nothing is dropped after this long.
+REQUEST_TIMEOUT_S = 10.0
+# A question to the technician (a passkey) waits this long for the answer.
+ANSWER_TIMEOUT_S = 120.0
+
+
+class OpError(Exception):
+    """An operation refused or failed in a way the technician can act on; `exit` is its code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Conversation:
+    """What an operation may say while it works: progress, and questions for the technician."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], Awaitable[None]],
+                 receive: Callable[[], Awaitable[dict[str, Any]]], by: str) -> None:
+        self._send = send
+        self._receive = receive
+        self.by = by
+
+    async def progress(self, **fields: Any) -> None:
+        """Tell the client how far the operation got (it prints it)."""
+        await self._send({"progress": fields})
+
+    async def ask(self, what: str, prompt: str) -> str | None:
+        """Ask the technician; None when no answer comes (client gone, timed out, no input)."""
+        await self._send({"ask": {"what": what, "prompt": prompt}})
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                reply = await self._receive()
+        except (TimeoutError, ConnectionError, ValueError):
+            return None
+        answer = reply.get("answer")
+        return answer if isinstance(answer, str) else None
+
+
+Handler = Callable[[Mapping[str, Any], Conversation], Awaitable[object]]
+
+
+class ControlServer:
+    """Serves `handlers` (op name → coroutine) on a Unix socket while open (async with)."""
+
+    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+        self.path = path
+        self._handlers = handlers
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> ControlServer:
+        await _clear_stale(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0660 from the start (umask), not chmod-ed after: no window where others could.
+        old = os.umask(0o117)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=self.path,
+                                                           limit=MAX_LINE)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o660)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(self.path.lstat().st_mode):
+                self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            await self._conversation(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.debug("control client left")
+        finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send(doc: dict[str, Any]) -> None:
+            writer.write(json.dumps(doc).encode() + b"\n")
+            await writer.drain()
+
+        async def receive() -> dict[str, Any]:
+            return _parse(await reader.readuntil(b"\n"))
+
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                request = await receive()
+        except (TimeoutError, ValueError, asyncio.LimitOverrunError) as e:
+            await send({"ok": False, "error": f"bad request: {type(e).__name__}", "exit": 64})
+            return
+        op = request.get("op")
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            await send({"ok": False, "error": f"unknown operation {op!r}", "exit": 64})
+            return
+        args = request.get("args") or {}
+        by = _who(writer, request.get("by"))
+        log.debug("control: %s by %s", op, by)
+        try:
+            result = await handler(args if isinstance(args, dict) else {},
+                                   Conversation(send, receive, by))
+        except OpError as e:
+            await send({"ok": False, "error": str(e), "exit": e.exit_code})
+            return
+        except Exception as e:  # a bug in one operation must not take the agent down
+            log.error("control: %s failed on an internal error (%s)", op, type(e).__name__)
+            log.debug("control operation failure", exc_info=True)
+            await send({"ok": False, "error": f"internal error in the agent ({type(e).__name__})",
+                        "exit": 70})
+            return
+        await send({"ok": True, "result": result})
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    doc = json.loads(line)
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return doc
+
+
+def _who(writer: asyncio.StreamWriter, claimed: object) -> str:
+    """Who is asking: the client's login name as it says, checked against the socket's peer."""
+    sock = writer.get_extra_info("socket")
+    uid: int | None = None
+    with contextlib.suppress(OSError, AttributeError, struct.error):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+    name = None
+    if uid is not None:
+        with contextlib.suppress(KeyError):
+            name = pwd.getpwuid(uid).pw_name
+    said = claimed if isinstance(claimed, str) and claimed.isprintable() and claimed else None
+    if name is None:
+        return said or "unknown"
+    # root (sudo) may say who it is acting for; anyone else is who the kernel says.
+    return f"{said} (as {name})" if said and said != name and uid == 0 else name
+
+
+async def _clear_stale(path: Path) -> None:
+    """Remove a socket file left by an agent that died; refuse if an agent still answers."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 2.0)
+    except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
+        path.unlink(missing_ok=True)
+        return
+    writer.close()
+    raise OSError(f"another agent already listens on {path}")
+
+
+# -- client -------------------------------------------------------------------------------------
+
+
+class AgentUnreachable(Exception):
+    """No agent listens on the socket (the CLI then works alone)."""
+
+
+class AgentRefused(Exception):
+    """The socket exists but this user may not use it."""
+
+
+Answerer = Callable[[str, str], Awaitable[str | None]]
+ProgressSink = Callable[[dict[str, Any]], None]
+
+
+async def call(path: Path, op: str, args: Mapping[str, Any] | None = None, *,
+               progress: ProgressSink | None = None, answer: Answerer | None = None,
+               by: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
+    """Run `op` in the agent; returns the final message (``ok``, ``result`` or ``error``).
+
+    Raises AgentUnreachable when nobody listens, AgentRefused when permission is denied.
+    """
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(path, limit=MAX_LINE * 16), 5.0)
+    except PermissionError as e:
+        raise AgentRefused(f"{path}: permission denied (is this user in the service's group?)") from e
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError, TimeoutError) as e:
+        raise AgentUnreachable(str(path)) from e
+    try:
+        writer.write(json.dumps({"op": op, "args": dict(args or {}),
+                                 "by": by or _login_name()}).encode() + b"\n")
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise AgentUnreachable(f"{path}: the agent closed the connection")
+                doc = _parse(line)
+                if "progress" in doc:
+                    if progress is not None:
+                        progress(doc["progress"])
+                elif "ask" in doc:
+                    ask = doc["ask"]
+                    reply = None if answer is None else await answer(
+                        str(ask.get("what")), str(ask.get("prompt")))
+                    writer.write(json.dumps({"answer": reply}).encode() + b"\n")
+                    await writer.drain()
+                else:
+                    return doc
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+def _login_name() -> str:
+    """The technician's own name, also under sudo."""
+    for var in ("SUDO_USER", "LOGNAME", "USER"):
+        value = os.environ.get(var)
+        if value:
+            return value
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
