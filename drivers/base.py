@@ -112,6 +112,19 @@ class Driver(Protocol):
         ...
 
 
+class Provisioning(Protocol):
+    """What `rpm-gateway pair` asks of a driver besides the readings: who the device is, and
+    its clock read and set, without subscribing (a subscription makes many devices send)."""
+
+    async def identify(self, client: BleakClient, hooks: SessionHooks) -> DeviceInfo:
+        """Device Information strings and the battery level."""
+        ...
+
+    async def check_clock(self, client: BleakClient, hooks: SessionHooks) -> ClockCheck:
+        """The device clock read, set when the hub clock is trusted, and read back."""
+        ...
+
+
 class SessionHooks(Protocol):
     """What a driver reports back to the session besides measurements."""
 

@@ -116,6 +116,14 @@ class StandardProfileDriver:
         hooks.clock(await self._clock(client, hooks))
         await self._subscribe_and_drain(client, sink, hooks)
 
+    async def identify(self, client: BleakClient, hooks: SessionHooks) -> DeviceInfo:
+        """Device Information and battery (drivers.base.Provisioning)."""
+        return await self._device_info(client, hooks)
+
+    async def check_clock(self, client: BleakClient, hooks: SessionHooks) -> ClockCheck:
+        """Read the clock and set it when the hub clock is trusted (drivers.base.Provisioning)."""
+        return await self._clock(client, hooks)
+
     # -- identity ---------------------------------------------------------------------------
 
     @staticmethod
@@ -344,6 +352,14 @@ class CombinedDriver:
             if f"{p.measurement:04x}" == characteristic.lower():
                 return p
         return self.parts[0]
+
+    async def identify(self, client: BleakClient, hooks: SessionHooks) -> DeviceInfo:
+        """Device Information and battery, once for the device."""
+        return await self.parts[0].identify(client, hooks)
+
+    async def check_clock(self, client: BleakClient, hooks: SessionHooks) -> ClockCheck:
+        """The one device clock, read and set."""
+        return await self.parts[0].check_clock(client, hooks)
 
     async def collect(self, client: BleakClient, sink: MeasurementSink, hooks: SessionHooks) -> None:
         """Identity and clock once, then every part's measurements."""

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,13 +50,17 @@ class RegistryEntry:
     binding: DeviceBinding
     paired_at: str  # UTC, ...Z
     paired_by: str | None = None
+    # What `pair` learnt of the device (manufacturer, model, serial, firmware, kind, driver):
+    # `devices` shows it while the agent has not connected yet.
+    device: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
 
     def as_json(self) -> dict[str, object]:
         """The entry as stored in the file."""
         b = self.binding
         return {"address": b.address, "patient_id": b.patient_id, "user_index": b.user_index,
                 "driver": b.driver, "enrolled": b.enrolled.isoformat() if b.enrolled else None,
-                "paired_at": self.paired_at, "paired_by": self.paired_by}
+                "paired_at": self.paired_at, "paired_by": self.paired_by,
+                "device": dict(self.device)}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> RegistryEntry:
@@ -64,7 +68,11 @@ class RegistryEntry:
         binding = DeviceBinding.model_validate(
             {k: doc[k] for k in ("address", "patient_id", "user_index", "driver", "enrolled")
              if doc.get(k) is not None})
-        return cls(binding, str(doc["paired_at"]), doc.get("paired_by"))
+        device = doc.get("device") or {}
+        if not isinstance(device, dict):
+            raise TypeError("device is not an object")
+        return cls(binding, str(doc["paired_at"]), doc.get("paired_by"),
+                   {str(k): None if v is None else str(v) for k, v in device.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +96,8 @@ class PairingRegistry:
         self._legacy = legacy_enrolment
         self._entries: dict[str, RegistryEntry] = {}
         self._first_seen: dict[str, dt.date] = {}
+        # Events (paired, unpaired, re-bound) not yet handed to a running agent's uplink.
+        self._events: list[dict[str, object]] = []
         self._identity: tuple[int, int, int] | None = None
         self._dirty = False  # first-seen days in memory not yet on disk
         self._failing = False  # the last write of first-seen days failed (warned once)
@@ -110,20 +120,21 @@ class PairingRegistry:
     def load(self) -> None:
         """(Re)read the file."""
         self._identity = self._stat()
-        self._entries, self._first_seen, self.problem = self._read()
+        self._entries, self._first_seen, self._events, self.problem = self._read()
         if self._identity is None and self._legacy is not None:
             self._import_legacy(self._legacy)
 
-    def _read(self) -> tuple[dict[str, RegistryEntry], dict[str, dt.date], str | None]:
+    def _read(self) -> tuple[dict[str, RegistryEntry], dict[str, dt.date],
+                             list[dict[str, object]], str | None]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return {}, {}, None
+            return {}, {}, [], None
         except OSError as e:
             # Not moved aside: the file may be fine and the error passing (EIO, EACCES).
             problem = f"cannot read {self.path}: {(e.strerror or type(e).__name__).lower()}"
             log.error("pairing registry: %s; only the config's devices are read", problem)
-            return {}, {}, problem
+            return {}, {}, [], problem
         try:
             doc = json.loads(text)
             entries = {}
@@ -132,6 +143,7 @@ class PairingRegistry:
                 entries[entry.binding.address] = entry
             seen = {str(a).upper(): dt.date.fromisoformat(d)
                     for a, d in doc.get("first_seen", {}).items()}
+            events = [e for e in doc.get("events", []) if isinstance(e, dict)]
         except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as e:
             aside = self.path.with_name(self.path.name + ".unreadable")
             with contextlib.suppress(OSError):
@@ -140,8 +152,8 @@ class PairingRegistry:
             log.error("pairing registry: %s; its devices are not read until paired again",
                       problem)
             self._identity = None
-            return {}, {}, problem
-        return entries, seen, None
+            return {}, {}, [], problem
+        return entries, seen, events, None
 
     def _import_legacy(self, path: Path) -> None:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -160,31 +172,73 @@ class PairingRegistry:
     # -- writing ------------------------------------------------------------------------------
 
     def bind(self, binding: DeviceBinding, *, by: str | None = None,
-             now: dt.datetime | None = None) -> RegistryEntry:
-        """Add or replace the binding of `binding.address`; on disk when this returns."""
-        when = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
-        entry = RegistryEntry(binding, when.isoformat(timespec="seconds").replace("+00:00", "Z"),
-                              by)
+             now: dt.datetime | None = None,
+             device: Mapping[str, str | None] | None = None) -> RegistryEntry:
+        """Add or replace the binding of `binding.address`; on disk when this returns.
 
-        def change(entries: dict[str, RegistryEntry], _: dict[str, dt.date]) -> None:
-            entries[binding.address] = entry
+        Journals a `device_paired` event, or `device_rebound` when the device was bound to
+        another patient, for the agent to publish.
+        """
+        at = _utc(now)
+        entry = RegistryEntry(binding, at, by, dict(device or {}))
+
+        def change(state: _State) -> None:
+            old = state.entries.get(binding.address)
+            state.entries[binding.address] = entry
+            if old is not None and old.binding.patient_id != binding.patient_id:
+                state.events.append({"name": "device_rebound", "at": at, "detail": {
+                    "device": binding.address, "from_patient_id": old.binding.patient_id,
+                    "to_patient_id": binding.patient_id, "by": by}})
+            elif old is None or old.binding != binding:
+                state.events.append({"name": "device_paired", "at": at, "detail": {
+                    "device": binding.address, "patient_id": binding.patient_id,
+                    "kind": entry.device.get("kind"), "user_index": binding.user_index,
+                    "by": by}})
 
         self._update(change)
         return entry
 
-    def unbind(self, address: str) -> RegistryEntry | None:
+    def unbind(self, address: str, *, by: str | None = None,
+               now: dt.datetime | None = None) -> RegistryEntry | None:
         """Remove the binding of `address` (None if the registry had none); on disk when done."""
         removed: list[RegistryEntry] = []
+        at = _utc(now)
 
-        def change(entries: dict[str, RegistryEntry], seen: dict[str, dt.date]) -> None:
-            entry = entries.pop(address.upper(), None)
+        def change(state: _State) -> None:
+            entry = state.entries.pop(address.upper(), None)
             if entry is not None:
                 removed.append(entry)
                 # A later `pair` starts a new enrolment; the old periods are the clinic's record.
-                seen.pop(address.upper(), None)
+                state.first_seen.pop(address.upper(), None)
+                state.events.append({"name": "device_unpaired", "at": at, "detail": {
+                    "device": entry.binding.address, "patient_id": entry.binding.patient_id,
+                    "by": by}})
 
         self._update(change)
         return removed[0] if removed else None
+
+    def journal(self, name: str, detail: Mapping[str, object], *,
+                now: dt.datetime | None = None) -> None:
+        """Add an event for the agent to publish (e.g. a reading assigned by the CLI alone)."""
+        event: dict[str, object] = {"name": name, "at": _utc(now), "detail": dict(detail)}
+
+        def change(state: _State) -> None:
+            state.events.append(event)
+
+        self._update(change)
+
+    def take_events(self) -> list[dict[str, object]]:
+        """The journalled events, removed from the file (the caller publishes them now)."""
+        if not self._events and not self.changed_on_disk():
+            return []
+        taken: list[dict[str, object]] = []
+
+        def change(state: _State) -> None:
+            taken.extend(state.events)
+            state.events.clear()
+
+        self._update(change)
+        return taken
 
     def ensure(self, addresses: Iterable[str], today: dt.date) -> bool:
         """Record `today` as first seen for every address without a day; True once on disk.
@@ -200,9 +254,9 @@ class PairingRegistry:
             return True
         wanted = dict(self._first_seen)
 
-        def change(_: dict[str, RegistryEntry], seen: dict[str, dt.date]) -> None:
+        def change(state: _State) -> None:
             for address, day in wanted.items():
-                seen.setdefault(address, day)
+                state.first_seen.setdefault(address, day)
 
         try:
             self._update(change)
@@ -216,19 +270,20 @@ class PairingRegistry:
         self._dirty = self._failing = False
         return True
 
-    def _update(self, change: Callable[[dict[str, RegistryEntry], dict[str, dt.date]], None]) -> None:
+    def _update(self, change: Callable[[_State], None]) -> None:
         """Re-read under the lock, apply `change`, write atomically; raises RegistryError."""
         try:
             with self._locked():
                 if self.changed_on_disk():
-                    entries, seen, problem = self._read()
+                    entries, seen, events, problem = self._read()
                     if problem is None:
-                        self._entries = entries
+                        self._entries, self._events = entries, events
                         self._first_seen = {**self._first_seen, **seen}
-                entries, seen = dict(self._entries), dict(self._first_seen)
-                change(entries, seen)
-                _write_atomically(self.path, _dump(entries, seen))
-                self._entries, self._first_seen = entries, seen
+                state = _State(dict(self._entries), dict(self._first_seen), list(self._events))
+                change(state)
+                _write_atomically(self.path, _dump(state))
+                self._entries, self._first_seen = state.entries, state.first_seen
+                self._events = state.events
                 self._identity = self._stat()
                 self.problem = None
         except OSError as e:
@@ -246,11 +301,28 @@ class PairingRegistry:
             os.close(fd)  # closing releases the lock
 
 
-def _dump(entries: dict[str, RegistryEntry], seen: dict[str, dt.date]) -> str:
+@dataclasses.dataclass
+class _State:
+    entries: dict[str, RegistryEntry]
+    first_seen: dict[str, dt.date]
+    events: list[dict[str, object]]
+
+
+# Events a stopped agent never took: bounded, the oldest go first (the bindings stay).
+MAX_EVENTS = 200
+
+
+def _dump(state: _State) -> str:
     doc = {"version": VERSION,
-           "bindings": [entries[a].as_json() for a in sorted(entries)],
-           "first_seen": {a: d.isoformat() for a, d in sorted(seen.items())}}
+           "bindings": [state.entries[a].as_json() for a in sorted(state.entries)],
+           "first_seen": {a: d.isoformat() for a, d in sorted(state.first_seen.items())},
+           "events": state.events[-MAX_EVENTS:]}
     return json.dumps(doc, indent=1) + "\n"
+
+
+def _utc(now: dt.datetime | None) -> str:
+    when = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -31,7 +31,9 @@ def test_bind_is_on_disk_when_it_returns_and_another_process_sees_it(tmp_path: P
     doc = json.loads(path.read_text())
     assert doc["bindings"][0] == {"address": SCALE, "patient_id": "patient-1", "user_index": None,
                                   "driver": None, "enrolled": "2026-12-02",
-                                  "paired_at": "2026-12-02T15:04:00Z", "paired_by": "tech1"}
+                                  "paired_at": "2026-12-02T15:04:00Z", "paired_by": "tech1",
+                                  "device": {}}
+    assert [e["name"] for e in doc["events"]] == ["device_paired"]
     assert PairingRegistry(path).entries()[SCALE].binding.enrolled == dt.date(2026, 12, 2)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert path.stat().st_mode & 0o777 == 0o640
@@ -47,6 +49,15 @@ def test_two_writers_never_undo_each_other(tmp_path: Path) -> None:
     cli.unbind(SCALE)
     final = PairingRegistry(path)
     assert set(final.entries()) == {CUFF}
+    # Every change is journalled for the agent to publish, whoever made it; taken once.
+    names = [e["name"] for e in final.take_events()]
+    assert names == ["device_paired", "device_paired", "device_unpaired"]
+    assert agent.take_events() == [] and PairingRegistry(path).take_events() == []
+    agent.bind(_b(CUFF, "patient-3"), by="tech2")
+    rebound = agent.take_events()
+    assert rebound[0]["name"] == "device_rebound"
+    assert rebound[0]["detail"] == {"device": CUFF, "from_patient_id": "patient-2",
+                                    "to_patient_id": "patient-3", "by": "tech2"}
     assert final.first_seen(CUFF) == dt.date(2026, 12, 2)
 
 
