@@ -8,7 +8,9 @@ duplicate and so days-with-data can be counted.
 
 Every payload is stored with its sha256; :meth:`Outbox.pending` verifies it and quarantines a row
 whose bytes changed on the disk instead of publishing them. A reading no patient can claim
-(``patient_id`` None) is kept for de-duplication and counted, never offered for publishing.
+(``patient_id`` None) is kept and counted, never offered for publishing: listed by
+:meth:`Outbox.unattributed`, published once a technician assigns it (:meth:`Outbox.assign`),
+dropped and counted after ``keep_delivered_days`` otherwise.
 :meth:`Outbox.accepting` is the storage gate asked before every device connection. A corrupt file
 is moved aside and its readable rows are salvaged into the new one (:mod:`gateway.outbox_salvage`);
 what open() found is in :attr:`Outbox.recovery`.
@@ -28,19 +30,21 @@ import contextlib
 import enum
 import functools
 import hashlib
+import json
 import logging
+import math
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
-from gateway.config import OutboxConfig
+from gateway.config import ID_RE, OutboxConfig
 from gateway.outbox_pages import wal_damage
 from gateway.outbox_salvage import Salvage, salvage_into
 from gateway.outbox_schema import MIGRATIONS, SCHEMA_VERSION
@@ -51,6 +55,9 @@ T = TypeVar("T")
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AssignOutcome",
+    "AssignResult",
+    "ObservedValue",
     "Outbox",
     "OutboxClosedError",
     "OutboxError",
@@ -62,6 +69,7 @@ __all__ = [
     "RecoveryReport",
     "SchemaVersionError",
     "StorageError",
+    "UnattributedReading",
 ]
 
 FAULT_COMMIT_DELAY_ENV = "RPM_GATEWAY_FAULT_COMMIT_DELAY_MS"
@@ -158,6 +166,67 @@ class OutboxStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ObservedValue:
+    """One observation of a stored payload, as a person reads it: e.g. 132.0 "mm[Hg]"."""
+
+    code: str  # LOINC
+    name: str
+    value: float | None  # None: the device sent no usable number
+    unit: str  # UCUM
+
+
+@dataclass(frozen=True, slots=True)
+class UnattributedReading:
+    """A kept reading no binding claims (another user slot, or the device's "unknown user").
+
+    What a technician needs to ask the patient "was this yours?": the device, the time, the
+    slot and the values. Times are UTC ISO-8601 ending in ``Z``.
+    """
+
+    reading_id: str
+    device_address: str | None  # from the payload; None when it is damaged
+    kind: str
+    measured_at: str
+    measured_day: str  # the local calendar day the reading was stored under
+    user_index: int | None  # the device's user slot (255: "unknown user"), None if it sent none
+    observations: tuple[ObservedValue, ...]
+    valid: bool
+    stored_at: str
+    drops_at: str  # the first prune() after this instant deletes it, unless it is assigned
+    days_left: int  # whole days from the listing until drops_at (0: the next prune may drop it)
+    damaged: bool = False  # the payload no longer matches its checksum: listed, not assignable
+
+
+class AssignOutcome(enum.Enum):
+    """What :meth:`Outbox.assign` did."""
+
+    ASSIGNED = "assigned"  # attributed and queued for publishing
+    NOT_FOUND = "not_found"  # no reading with that id (never stored, or already dropped)
+    ALREADY_ATTRIBUTED = "already_attributed"  # it is a patient's already: nothing changed
+    DAMAGED = "damaged"  # the stored payload no longer matches its checksum: never published
+
+
+@dataclass(frozen=True, slots=True)
+class AssignResult:
+    """The outcome of an assignment and what an event about it needs (None when not found)."""
+
+    outcome: AssignOutcome
+    reading_id: str
+    patient_id: str | None = None  # the reading's patient now (for already_attributed: theirs)
+    device_address: str | None = None
+    kind: str | None = None
+    measured_at: str | None = None  # UTC ISO-8601, "Z"
+    measured_day: str | None = None
+    seq: int | None = None  # its new place in the publishing queue (assigned only)
+    assigned_at: str | None = None  # outbox clock, UTC ISO-8601 "Z" (assigned only)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the reading was assigned now."""
+        return self.outcome is AssignOutcome.ASSIGNED
+
+
+@dataclass(frozen=True, slots=True)
 class RecoveryReport:
     """What open() found wrong with the file: a corrupt one moved aside, or an empty one."""
 
@@ -179,6 +248,73 @@ def _iso(t: datetime) -> str:
 
 def _checksum(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
+
+
+def _utc_z(text: str) -> str:
+    """A stored UTC timestamp ("+00:00" or "Z", any precision) as ISO-8601 ending in "Z"."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _is_day(text: str) -> bool:
+    try:
+        return date.fromisoformat(text).isoformat() == text  # 3.11 also takes "20260301"
+    except ValueError:
+        return False
+
+
+def _payload_object(payload: object, checksum: object) -> dict[str, object] | None:
+    """The stored payload as a JSON object, or None when it is damaged or not one."""
+    if not isinstance(payload, bytes):
+        return None
+    if checksum is not None and _checksum(payload) != checksum:
+        return None
+    try:
+        obj = json.loads(payload, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _no_constant(name: str) -> object:
+    # NaN / Infinity are not JSON; pydantic never writes them, so their presence is damage.
+    raise ValueError(f"not JSON: {name}")
+
+
+def _with_patient(obj: dict[str, object], patient_id: str) -> bytes:
+    """The payload with patient_id set, every other field as it was (same order), compact.
+
+    Not tied to the payload's field list (the Reading model may gain fields): only patient_id
+    changes. Compact like pydantic's model_dump_json, non-ASCII kept as UTF-8 as it does.
+    """
+    out = dict(obj)
+    out["patient_id"] = patient_id
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _observed(obj: dict[str, object]) -> tuple[ObservedValue, ...]:
+    found = obj.get("observations")
+    out: list[ObservedValue] = []
+    for o in found if isinstance(found, list) else []:
+        if not isinstance(o, dict):
+            continue
+        value = o.get("value")
+        number = float(value) if isinstance(value, int | float) and not isinstance(
+            value, bool) else None  # fmt: skip
+        out.append(ObservedValue(code=str(o.get("code", "")), name=str(o.get("name", "")),
+                                 value=number, unit=str(o.get("unit", ""))))  # fmt: skip
+    return tuple(out)
+
+
+def _address(obj: dict[str, object] | None) -> str | None:
+    device = obj.get("device") if obj is not None else None
+    address = device.get("address") if isinstance(device, dict) else None
+    return address if isinstance(address, str) else None
 
 
 def _is_corruption(e: sqlite3.Error) -> bool:
@@ -397,6 +533,46 @@ class Outbox:
     async def days_with_data(self, patient_id: str, since_day: str, until_day: str) -> list[str]:
         """Distinct patient-local days (inclusive range) with at least one valid reading."""
         return await self._run(self._days_sync, patient_id, since_day, until_day)
+
+    async def unattributed(self, limit: int = 1000) -> list[UnattributedReading]:
+        """Up to ``limit`` kept readings no patient can claim, oldest first (stored order).
+
+        Each with its device, time, user slot, values and when prune() will drop it. A row
+        whose payload no longer matches its checksum is listed as ``damaged`` from its columns.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._run(self._unattributed_sync, limit)
+
+    async def assign(
+        self, reading_id: str, patient_id: str, *, measured_day: str | None = None
+    ) -> AssignResult:
+        """Attribute a kept unattributed reading to a patient: from now on it is published.
+
+        For a patient who confirms the reading was theirs. In one durable transaction: the
+        stored payload gets ``patient_id`` (every other field unchanged), the row becomes the
+        patient's (it counts in days_with_data) and is queued for the uplink behind everything
+        pending, as a reading stored now would be (a new seq; its age for
+        ``max_pending_age_days`` starts now). ``measured_day``: the patient-local day, when the
+        patient's time zone is not the one the reading was stored under (default: unchanged).
+
+        Never refused by the ``max_pending`` bound, and drops nothing: the reading is on the
+        disk already, and a technician's assignment must not fail because the broker is
+        behind. The backlog may then exceed ``max_pending`` by the assigned readings; the
+        policy applies as usual from there on (reject_new: accepting() shuts the gate for new
+        sessions; drop_oldest: the next put() or prune() drops the oldest, counted and logged).
+
+        A reading re-sent by its device after this is a duplicate, whatever its binding says.
+        Returns ASSIGNED, or NOT_FOUND / ALREADY_ATTRIBUTED / DAMAGED with nothing changed.
+        """
+        if not ID_RE.fullmatch(patient_id):
+            raise ValueError(f"not a patient id: {patient_id!r} (letters, digits, _ . -; 1-64)")
+        if measured_day is not None and not _is_day(measured_day):
+            raise ValueError(f"measured_day must be a date YYYY-MM-DD, not {measured_day!r}")
+        result = await self._write(self._assign_sync, reading_id, patient_id, measured_day)
+        if result.ok:
+            self._stored.set()  # wake the uplink: there is a reading to publish
+        return result
 
     async def prune(self) -> None:
         """Delete old delivered rows and apply the pending size/age policy (logged at WARNING).
@@ -919,6 +1095,97 @@ class Outbox:
             (patient_id, since, until),
         ).fetchall()
         return [str(r[0]) for r in rows]
+
+    def _unattributed_sync(
+        self, conn: sqlite3.Connection, limit: int
+    ) -> list[UnattributedReading]:
+        now = self._clock()
+        keep = timedelta(days=self._cfg.keep_delivered_days)
+        rows = conn.execute(
+            "SELECT reading_id, payload, checksum, kind, measured_at, measured_day, valid,"
+            " created_at FROM readings WHERE patient_id IS NULL"
+            " ORDER BY created_at, seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        out: list[UnattributedReading] = []
+        for rid, payload, checksum, kind, measured_at, day, valid, created_at in rows:
+            obj = _payload_object(payload, checksum)
+            slot = obj.get("user_index") if obj is not None else None
+            try:
+                drops = datetime.fromisoformat(str(created_at)) + keep
+                left = max(0, math.floor((drops - now).total_seconds() / 86400))
+                drops_at = _iso(drops)
+            except (TypeError, ValueError):  # not this outbox's format: the next prune
+                drops_at, left = str(created_at), 0
+            out.append(UnattributedReading(
+                reading_id=str(rid),
+                device_address=_address(obj),
+                kind=str(kind),
+                measured_at=_utc_z(str(measured_at)),
+                measured_day=str(day),
+                user_index=slot if isinstance(slot, int) and not isinstance(slot, bool) else None,
+                observations=_observed(obj) if obj is not None else (),
+                valid=bool(valid),
+                stored_at=_utc_z(str(created_at)),
+                drops_at=_utc_z(drops_at),
+                days_left=left,
+                damaged=obj is None,
+            ))  # fmt: skip
+        return out
+
+    def _assign_sync(
+        self, conn: sqlite3.Connection, reading_id: str, patient_id: str, day: str | None
+    ) -> AssignResult:
+        now = _iso(self._clock())
+        # IMMEDIATE: the row read here is the row changed below (no writer in between).
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            "SELECT seq, topic, payload, checksum, patient_id, kind, measured_at,"
+            " measured_day, valid FROM readings WHERE reading_id = ?",
+            (reading_id,),
+        ).fetchone()
+        if row is None:
+            conn.execute("ROLLBACK")
+            return AssignResult(AssignOutcome.NOT_FOUND, reading_id)
+        seq, topic, payload, checksum, owner, kind, measured_at, stored_day, valid = row
+        obj = _payload_object(payload, checksum)
+        found = AssignResult(
+            AssignOutcome.ALREADY_ATTRIBUTED, reading_id, patient_id=owner,
+            device_address=_address(obj), kind=str(kind),
+            measured_at=_utc_z(str(measured_at)), measured_day=str(stored_day),
+        )  # fmt: skip
+        if owner is not None:
+            conn.execute("ROLLBACK")
+            return found
+        if obj is None:
+            conn.execute("ROLLBACK")
+            # Rewriting it would give changed bytes a fresh checksum: never publish them.
+            log.error("outbox: unattributed reading %s no longer matches its checksum "
+                      "(changed on the disk); not assigned", reading_id)  # fmt: skip
+            return replace(found, outcome=AssignOutcome.DAMAGED, patient_id=None)
+        new = _with_patient(obj, patient_id)
+        day = day or str(stored_day)
+        # Deleted and stored again, not updated in place: AUTOINCREMENT gives it a seq after
+        # every pending row, where the uplink's cursor finds it now (the drain goes back to
+        # the lowest seq only once per quarantine_retry_s), and a seq is never reused.
+        conn.execute("DELETE FROM readings WHERE seq = ?", (seq,))
+        new_seq = conn.execute(
+            "INSERT INTO readings (reading_id, topic, payload, patient_id, kind, measured_at,"
+            " measured_day, valid, created_at, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " RETURNING seq",
+            (reading_id, topic, new, patient_id, kind, measured_at, day, valid, now,
+             _checksum(new)),
+        ).fetchone()[0]  # fmt: skip
+        conn.execute("COMMIT")  # synchronous=FULL: on the disk when this returns
+        # See assign(): past max_pending is allowed, the policy takes it from here.
+        self._backlog += 1
+        log.info("outbox: unattributed reading %s assigned (%s from %s); queued for publishing",
+                 reading_id, kind, found.device_address)  # fmt: skip
+        log.debug("outbox: reading %s assigned to patient %s", reading_id, patient_id)
+        return replace(
+            found, outcome=AssignOutcome.ASSIGNED, patient_id=patient_id, measured_day=day,
+            seq=int(new_seq), assigned_at=_utc_z(now),
+        )  # fmt: skip
 
     def _prune_sync(self, conn: sqlite3.Connection) -> None:
         now = self._clock()
