@@ -843,29 +843,28 @@ class Outbox:
         # the backlog is largest during an outage, when the commit window matters most.
         pending = self._backlog
         results: list[PutResult] = []
-        rows: list[tuple[object, ...]] = []
+        rows: dict[str, tuple[object, ...]] = {}  # by reading_id, in insertion order
         rejected = 0
         claimed: list[tuple[object, ...]] = []
         for item, confirmed in items:
             attributed = item.patient_id is not None
             if item.reading_id in seen:
-                if attributed and seen[item.reading_id]:
-                    # Kept unattributed before (a slot binding since corrected): the device
-                    # re-sent it and now a binding claims it, so it becomes publishable.
-                    claimed.append((item.patient_id, item.payload, _checksum(item.payload),
-                                    item.topic, item.measured_at, item.measured_day,
-                                    int(item.valid), item.reading_id))
-                    seen[item.reading_id] = False
-                    pending += 1
-                    results.append(PutResult.STORED)
+                if not (attributed and seen[item.reading_id]):
+                    # Pending, delivered, or already attributed (by a binding or by assign()):
+                    # the first attribution stands, so a reading counts once for one patient.
+                    log.debug("outbox: duplicate reading %s", item.reading_id)
+                    results.append(PutResult.DUPLICATE)
                     continue
-                log.debug("outbox: duplicate reading %s", item.reading_id)
-                results.append(PutResult.DUPLICATE)
-                continue
-            # An unattributed reading is never published, so the bound on what waits for the
-            # broker does not apply to it (its retention is keep_delivered_days).
-            if (attributed and not confirmed and self._cfg.when_full == "reject_new"
+                # Kept unattributed before (a slot binding since corrected): the device re-sent
+                # it and now a binding claims it, so it becomes publishable. Like assign(): the
+                # kept row is replaced by this one, a new seq behind every pending row, never
+                # refused by the bound (the reading was stored already).
+                if rows.pop(item.reading_id, None) is None:  # else kept earlier in this batch
+                    claimed.append((item.reading_id,))
+            elif (attributed and not confirmed and self._cfg.when_full == "reject_new"
                     and self._full_reason(pending) is not None):
+                # An unattributed reading is never published, so the bound on what waits for
+                # the broker does not apply to it (its retention is keep_delivered_days).
                 rejected += 1
                 log.debug("outbox: rejected reading %s of patient %s", item.reading_id,
                           item.patient_id)
@@ -873,22 +872,18 @@ class Outbox:
                 continue
             seen[item.reading_id] = not attributed
             pending += attributed
-            rows.append((item.reading_id, item.topic, item.payload, item.patient_id, item.kind,
-                         item.measured_at, item.measured_day, int(item.valid), now,
-                         _checksum(item.payload)))
+            rows[item.reading_id] = (item.reading_id, item.topic, item.payload, item.patient_id,
+                                     item.kind, item.measured_at, item.measured_day,
+                                     int(item.valid), now, _checksum(item.payload))
             results.append(PutResult.STORED)
             log.debug("outbox: stored reading %s%s", item.reading_id, "" if attributed else
                       " (unattributed)")  # fmt: skip
+        conn.executemany("DELETE FROM readings WHERE reading_id = ? AND patient_id IS NULL",
+                         claimed)  # fmt: skip
         conn.executemany(
             "INSERT INTO readings (reading_id, topic, payload, patient_id, kind, measured_at,"
             " measured_day, valid, created_at, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        conn.executemany(
-            "UPDATE readings SET patient_id = ?, payload = ?, checksum = ?, topic = ?,"
-            " measured_at = ?, measured_day = ?, valid = ?"
-            " WHERE reading_id = ? AND patient_id IS NULL",
-            claimed,
+            rows.values(),
         )
         if self._cfg.when_full == "drop_oldest" and pending > self._cfg.max_pending:
             pending -= self._drop_oldest(conn, pending - self._cfg.max_pending, "over max_pending")

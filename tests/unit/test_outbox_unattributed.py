@@ -232,6 +232,33 @@ async def test_a_resend_after_assign_is_a_duplicate_and_counts_once(tmp_path: Pa
         assert (stats.pending, stats.unattributed) == (1, 0)
 
 
+async def test_a_binding_claiming_it_later_queues_it_behind_pending_like_assign(
+    tmp_path: Path,
+) -> None:
+    # The claim path of put() follows the same rule as assign(): a new seq after the pending
+    # rows, or the uplink's cursor (past them) would not see it for up to quarantine_retry_s.
+    async with Outbox(tmp_path / "o.db", OutboxConfig()) as ob:
+        item = guest(1)
+        await ob.put(item)
+        await ob.put(make_item(2))
+        [old] = await ob.pending(10)
+        claimed = dataclasses.replace(item, patient_id="patient-1",
+                                      payload=item.payload.replace(b'"patient_id":""',
+                                                                   b'"patient_id":"patient-1"'))
+        assert await ob.put(claimed) is PutResult.STORED
+        [fresh] = await ob.pending(10, after_seq=old.seq)
+        assert (fresh.reading_id, fresh.payload) == (item.reading_id, claimed.payload)
+        assert (await ob.assign(item.reading_id, "patient-7")).outcome is (
+            AssignOutcome.ALREADY_ATTRIBUTED)  # fmt: skip
+        # Stored unattributed and claimed inside one batch: one row, the claimed one.
+        other = guest(5)
+        results = await asyncio.gather(
+            ob.put(other), ob.put(dataclasses.replace(other, patient_id="patient-1")))
+        assert list(results) == [PutResult.STORED, PutResult.STORED]
+        stats = await ob.stats()
+        assert (stats.pending, stats.unattributed) == (3, 0)
+
+
 async def test_assign_is_not_refused_by_a_full_outbox_and_drops_nothing(tmp_path: Path) -> None:
     cfg = small(max_pending=2, when_full="reject_new")
     async with Outbox(tmp_path / "o.db", cfg) as ob:
