@@ -194,7 +194,7 @@ class UnattributedReading:
     stored_at: str
     drops_at: str  # the first prune() after this instant deletes it, unless it is assigned
     days_left: int  # whole days from the listing until drops_at (0: the next prune may drop it)
-    damaged: bool = False  # the payload no longer matches its checksum: listed, not assignable
+    damaged: bool = False  # payload changed on the disk (checksum) or not JSON: not assignable
 
 
 class AssignOutcome(enum.Enum):
@@ -203,7 +203,7 @@ class AssignOutcome(enum.Enum):
     ASSIGNED = "assigned"  # attributed and queued for publishing
     NOT_FOUND = "not_found"  # no reading with that id (never stored, or already dropped)
     ALREADY_ATTRIBUTED = "already_attributed"  # it is a patient's already: nothing changed
-    DAMAGED = "damaged"  # the stored payload no longer matches its checksum: never published
+    DAMAGED = "damaged"  # the stored payload changed on the disk or is not JSON: kept as it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +275,7 @@ def _payload_object(payload: object, checksum: object) -> dict[str, object] | No
     if checksum is not None and _checksum(payload) != checksum:
         return None
     try:
-        obj = json.loads(payload, parse_constant=_no_constant)
+        obj = json.loads(payload, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, UnicodeDecodeError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -284,6 +284,13 @@ def _payload_object(payload: object, checksum: object) -> dict[str, object] | No
 def _no_constant(name: str) -> object:
     # NaN / Infinity are not JSON; pydantic never writes them, so their presence is damage.
     raise ValueError(f"not JSON: {name}")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e999: could not be written back as JSON
+        raise ValueError(f"not a finite number: {text}")
+    return value
 
 
 def _with_patient(obj: dict[str, object], patient_id: str) -> bytes:
@@ -538,7 +545,8 @@ class Outbox:
         """Up to ``limit`` kept readings no patient can claim, oldest first (stored order).
 
         Each with its device, time, user slot, values and when prune() will drop it. A row
-        whose payload no longer matches its checksum is listed as ``damaged`` from its columns.
+        whose payload changed on the disk (checksum) or is not a JSON object is listed as
+        ``damaged``, from its columns only.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -1155,8 +1163,8 @@ class Outbox:
         if obj is None:
             conn.execute("ROLLBACK")
             # Rewriting it would give changed bytes a fresh checksum: never publish them.
-            log.error("outbox: unattributed reading %s no longer matches its checksum "
-                      "(changed on the disk); not assigned", reading_id)  # fmt: skip
+            log.error("outbox: unattributed reading %s not assigned: its stored payload is "
+                      "damaged (changed on the disk, or not a JSON object)", reading_id)  # fmt: skip
             return replace(found, outcome=AssignOutcome.DAMAGED, patient_id=None)
         new = _with_patient(obj, patient_id)
         day = day or str(stored_day)

@@ -304,6 +304,19 @@ async def test_a_damaged_payload_is_listed_but_never_assigned(tmp_path: Path) ->
         assert (await ob.stats()).unattributed == 1
 
 
+@pytest.mark.parametrize("bad", [b"not json", b"[1, 2]", b'{"value": NaN}', b'{"value": 1e999}'])
+async def test_a_payload_that_cannot_be_written_back_is_damaged(tmp_path: Path, bad: bytes) -> None:
+    # Its checksum matches (so it is not a disk error), but it is no JSON object this outbox
+    # could set a patient in and publish: listed as damaged, never assigned, nothing raised.
+    item = dataclasses.replace(guest(1), payload=bad)
+    async with Outbox(tmp_path / "o.db", OutboxConfig()) as ob:
+        await ob.put(item)
+        [listed] = await ob.unattributed()
+        assert listed.damaged
+        assert (await ob.assign(item.reading_id, "patient-7")).outcome is AssignOutcome.DAMAGED
+        assert (await ob.stats()).unattributed == 1
+
+
 async def test_an_assignment_is_durable_and_whole_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     items = [guest(n) for n in range(3)]
