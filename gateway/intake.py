@@ -73,6 +73,7 @@ def build_reading(
         received_at=received_at,
         time_source=source,
         device_time=m.device_time,
+        timezone=zone.key,
         device_clock_offset_s=clock.offset_s if clock is not None else None,
         hub_clock_synced=hub_clock_synced,
         user_index=m.user_index,

@@ -1,18 +1,71 @@
-"""The MQTT payload contract (version 1): one JSON object per measurement."""
+"""The MQTT payload contract (version 1): one JSON object per measurement, and the time types
+every published message shares (gateway.messages has the status and events messages)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NaiveDatetime,
+    PlainSerializer,
+    WithJsonSchema,
+)
 
 from drivers.base import Kind, Observation
 
 SCHEMA_ID: Final = "rpm-gateway/reading/1"
+JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 
 TimeSource = Literal["device_clock", "device_clock_corrected", "hub_receipt"]
+
+UTC_PATTERN: Final = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"
+LOCAL_PATTERN: Final = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?$"
+ZONE_PATTERN: Final = r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*$"
+
+
+def utc_z(value: dt.datetime) -> str:
+    """An instant as published: RFC 3339 in UTC with a `Z` (never `+00:00`)."""
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _local_iso(value: dt.datetime) -> str:
+    return value.isoformat()
+
+
+# An instant: any aware datetime (or ISO string with an offset) in, `…Z` out.
+UtcInstant = Annotated[
+    AwareDatetime,
+    PlainSerializer(utc_z, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": UTC_PATTERN}),
+]
+# A wall-clock time with no zone (a device's own clock): no `format: date-time`, which requires
+# an offset; the zone it is read in is the reading's `timezone`.
+LocalDateTime = Annotated[
+    NaiveDatetime,
+    PlainSerializer(_local_iso, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": LOCAL_PATTERN}),
+]
+
+
+def not_required(*names: str) -> Any:
+    """A json_schema_extra hook: these fields are always sent, but a message without them is
+    still valid (they were added within the schema version)."""
+
+    def hook(schema: dict[str, Any]) -> None:
+        schema["required"] = [n for n in schema.get("required", []) if n not in names]
+
+    return hook
+
+
+def dump_schema(schema: dict[str, Any]) -> str:
+    """A JSON Schema as checked into schema/: sorted keys, two-space indent, final newline."""
+    return json.dumps({"$schema": JSON_SCHEMA_DIALECT, **schema}, indent=2, sort_keys=True) + "\n"
 
 
 class DeviceRef(BaseModel):
@@ -37,7 +90,7 @@ class Reading(BaseModel):
         extra="forbid",
         title="rpm-gateway reading",
         json_schema_serialization_defaults_required=True,
-        json_schema_extra={"$id": "https://rpm-gateway.invalid/schema/reading-1.json"},
+        json_schema_extra=not_required("timezone"),
     )
 
     schema_: Literal["rpm-gateway/reading/1"] = Field(default=SCHEMA_ID, alias="schema")
@@ -52,11 +105,19 @@ class Reading(BaseModel):
     observations: tuple[Observation, ...]
     status: tuple[str, ...] = Field(description="named device status flags, e.g. irregular_pulse")
     valid: bool = Field(description="false for 'measurement unsuccessful' or no usable value")
-    measured_at: AwareDatetime = Field(description="UTC; see time_source")
-    received_at: AwareDatetime = Field(description="UTC, hub clock when the bytes arrived")
+    measured_at: UtcInstant = Field(description="UTC; see time_source")
+    received_at: UtcInstant = Field(description="UTC, hub clock when the bytes arrived")
     time_source: TimeSource
-    device_time: dt.datetime | None = Field(
-        description="the device's time stamp as sent (local wall clock, no zone); null if absent"
+    device_time: LocalDateTime | None = Field(
+        description="the device's time stamp as sent: its local wall clock, no zone (the zone is "
+        "`timezone`); null if absent"
+    )
+    timezone: str | None = Field(
+        default=None,
+        pattern=ZONE_PATTERN,
+        description="the patient's home time zone (IANA name, the hub's hub.timezone): the zone of "
+        "device_time and of the patient's calendar days; absent in readings stored by a hub "
+        "older than this field",
     )
     device_clock_offset_s: float | None = Field(
         description="device clock minus hub clock at connection, seconds; null if not read"
@@ -76,4 +137,4 @@ class Reading(BaseModel):
 def reading_json_schema() -> str:
     """The JSON Schema of the payload, as checked into the repository."""
     schema = Reading.model_json_schema(by_alias=True, mode="serialization")
-    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return dump_schema({"$id": "https://rpm-gateway.invalid/schema/reading-1.json", **schema})
