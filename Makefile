@@ -71,10 +71,11 @@ dbus:
 	  echo "dbus-daemon is needed for the BlueZ tests: sudo apt-get install dbus"; exit 1; \
 	fi
 
-# Regenerate the published JSON Schema of the payload after changing gateway/models.py.
+# Regenerate the published JSON Schemas (reading, status, event) after changing
+# gateway/models.py or gateway/messages.py.
 schema: venv
-	$(BIN)/python -c 'from gateway.models import reading_json_schema as s; print(s(), end="")' \
-	  > schema/reading-1.json
+	$(BIN)/python -c 'from pathlib import Path; from gateway.messages import write_schemas; \
+	  write_schemas(Path("schema"))'
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

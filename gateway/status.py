@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from gateway import __version__
+from gateway.messages import HubReport
 
 
 @dataclass
@@ -24,6 +25,12 @@ class DeviceStatus:
     clock_set: bool | None = None
     battery_level: int | None = None
     rssi: int | None = None
+    # The binding (filled by the agent; None until it does).
+    patient_id: str | None = None
+    source: str | None = None  # "config" or "registry"
+    kind: str | None = None
+    model: str | None = None
+    serial: str | None = None
 
 
 @dataclass
@@ -66,6 +73,10 @@ class HubStatus:
     radio_recovery: RadioRecoveryStatus = field(default_factory=RadioRecoveryStatus)
     # Per patient: days with data in the current 30-day billing period (gateway.days).
     days_with_data: dict[str, dict[str, object]] = field(default_factory=dict)
+    # The agent's local control socket, if it listens on one.
+    control_socket: str | None = None
+    # Unattributed readings waiting in the outbox for a technician (None: not counted).
+    unattributed_pending: int | None = None
 
     def device(self, address: str) -> DeviceStatus:
         """The entry for a paired device, created on first use."""
@@ -77,8 +88,16 @@ class HubStatus:
         if len(self.unknown_seen) < 10_000:
             self.unknown_seen.add(digest)
 
+    def report(self) -> HubReport:
+        """The status payload (without `broker` and `state`, which the uplink adds), validated:
+        instants come out as `…Z` whatever form the agent stored them in."""
+        return HubReport.model_validate(self._fields())
+
     def as_dict(self) -> dict[str, object]:
-        """The status payload (without `state`, which the uplink adds)."""
+        """The status payload as JSON values (without `broker` and `state`)."""
+        return self.report().model_dump(mode="json", by_alias=True)
+
+    def _fields(self) -> dict[str, object]:
         return {
             "schema": "rpm-gateway/status/1",
             "hub_id": self.hub_id,
@@ -93,15 +112,17 @@ class HubStatus:
             "duplicates_ignored": self.duplicates,
             "decode_errors": self.decode_errors,
             "unattributed_readings": self.unattributed,
+            "unattributed_pending": self.unattributed_pending,
             "readings_lost": self.readings_lost,
             "storage": self.storage,
             "outbox_recovery": self.outbox_recovery,
             "unknown_devices_seen": len(self.unknown_seen),
-            "outbox": self.outbox,
+            "outbox": self.outbox or None,  # empty until the outbox was first read
             "devices": {a: vars(d) for a, d in sorted(self.devices.items())},
             "days_with_data": self.days_with_data,
+            "control_socket": self.control_socket,
         }
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
