@@ -170,6 +170,9 @@ def _run_agent(cfg: GatewayConfig) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo  # noqa: PLC0415
 
+    # Warnings and errors on stderr in the agent's format. With the table, run_demo holds them
+    # while rows print and replays them through this handler right after the table; with
+    # --json they go straight to stderr (stdout carries only the payloads).
     _setup_logging("warning")
     return asyncio.run(run_demo(json_out=args.json, readings=args.readings, timeout=args.timeout,
                                 broker=args.broker))
