@@ -24,14 +24,22 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import ValidationError
 
 from gateway.config import MqttConfig
+from gateway.messages import (
+    BrokerReport,
+    UnknownEventError,
+    event_message,
+    offline_message,
+    why_invalid,
+)
 from gateway.outbox import Outbox, OutboxError, Pending
 from gateway.uplink_client import AckingClient, open_client, publish_packet_size
 from gateway.uplink_codes import describe, is_transient
@@ -97,10 +105,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for e in group.exceptions:
         out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
     return out
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class Uplink:
@@ -182,13 +186,14 @@ class Uplink:
 
     def broker_status(self) -> dict[str, object]:
         """The ``broker`` object of the status payload: state, since, protocol, last_error, quarantined."""
-        return {
-            "state": self._health.state.value,
+        report = BrokerReport.model_validate({
+            "state": self._health.state,
             "since": self._health.since,
             "protocol": self.protocol,
             "last_error": self._health.last_error,
             "quarantined": self._quarantine.count,
-        }
+        })
+        return report.model_dump(mode="json")
 
     def topic(self, suffix: str) -> str:
         """The full topic for a suffix: ``<prefix>/<hub_id>/<suffix>``."""
@@ -208,12 +213,23 @@ class Uplink:
             self._early_at = now
             self._wake.set()
 
-    async def publish_event(self, name: str, detail: dict[str, object]) -> None:
-        """Queue an event for best-effort QoS 1 delivery; never blocks (drops the oldest if full)."""
-        payload = json.dumps(
-            {"event": name, "at": _now_iso(), "hub_id": self._hub_id, "detail": detail},
-            default=str,
-        ).encode()
+    async def publish_event(self, name: str, detail: Mapping[str, object], *,
+                            at: datetime | str | None = None) -> None:
+        """Queue an event for best-effort QoS 1 delivery; never blocks (drops the oldest if full).
+
+        `at`: when it happened, if not now (an event journalled by the CLI, published later).
+        The message is built through its model (gateway.messages.EVENTS): an event that is not
+        declared there, or whose detail does not fit it, is logged as an error and not sent.
+        """
+        try:
+            payload = event_message(self._hub_id, name, detail, at)
+        except UnknownEventError as e:
+            log.error("uplink: %s; not published", e)
+            return
+        except ValidationError as e:
+            log.error("uplink: event %s does not fit its schema (%s); not published", name,
+                      why_invalid(e))
+            return
         if len(self._events) >= self._event_queue_size:
             self._events.popleft()
             self._events_dropped += 1
@@ -310,9 +326,11 @@ class Uplink:
 
     async def _connect(self) -> AckingClient:
         password, tls = await asyncio.to_thread(load_credentials, self._cfg)
+        # Fixed now, published by the broker whenever this connection dies without a
+        # DISCONNECT: the same shape as the clean stop's, its `at` the time of connecting.
         will = aiomqtt.Will(
             self.topic("status"),
-            json.dumps({"state": "offline", "hub_id": self._hub_id}).encode(),
+            offline_message(self._hub_id, "connection_lost"),
             qos=1,
             retain=True,
         )
@@ -490,7 +508,8 @@ class Uplink:
             log.error("uplink: could not mark %d reading(s) delivered: %s", len(seqs), e)
         del self._acked[: len(seqs)]
 
-    def _status_payload(self, state: str) -> bytes:
+    def _status_payload(self) -> bytes:
+        """The online status: the provider's report (gateway.status), `broker` and `state`."""
         try:
             status = dict(self._status())
         except Exception:
@@ -498,12 +517,12 @@ class Uplink:
             log.exception("uplink: the status provider failed; publishing a minimal status")
             status = {}
         return json.dumps(
-            {"hub_id": self._hub_id, **status, "broker": self.broker_status(), "state": state},
+            {"hub_id": self._hub_id, **status, "broker": self.broker_status(), "state": "online"},
             default=str,
         ).encode()
 
-    async def _publish_status(self, client: AckingClient, state: str = "online") -> None:
-        payload = self._status_payload(state)
+    async def _publish_status(self, client: AckingClient, *, offline: bool = False) -> None:
+        payload = offline_message(self._hub_id, "stopped") if offline else self._status_payload()
         if not client.fits(self.topic("status"), payload):
             log.warning("uplink: status (%d bytes) exceeds the broker's maximum packet size %s; "
                         "not sent", len(payload), client.max_packet_size)
@@ -546,5 +565,5 @@ class Uplink:
         # A clean DISCONNECT suppresses the last will, so say "offline" ourselves first.
         with contextlib.suppress(UplinkError, TimeoutError):
             async with asyncio.timeout(_GOODBYE_TIMEOUT_S):
-                await self._publish_status(client, "offline")
+                await self._publish_status(client, offline=True)
         log.info("uplink to %s: shut down", self._where)

@@ -367,7 +367,10 @@ async def test_retained_status_online_and_last_will_when_the_link_dies(
         await proxy.stop_listening()
         proxy.sever()
         await sub.wait_until(lambda _: _states(sub)[-1:] == ["offline"])
-        assert sub.payloads()[-1] == {"state": "offline", "hub_id": HUB}  # the will, not a goodbye
+        will = sub.payloads()[-1]
+        assert will["reason"] == "connection_lost"  # the will, not a goodbye
+        assert will == {"schema": "rpm-gateway/status/1", "hub_id": HUB, "state": "offline",
+                        "at": will["at"], "reason": "connection_lost"}
         late = MqttSubscriber(mosquitto.host, mosquitto.port, STATUS)
         await late.start()
         try:
@@ -394,11 +397,11 @@ async def test_clean_shutdown_says_offline_and_status_refreshes_on_demand(
         state["days"] = 4
         uplink.status_changed()
         await sub.wait_until(lambda _: sub.payloads()[-1].get("days") == 4)
-    # run() was cancelled: a goodbye (with the full status) replaced the retained "online".
+    # run() was cancelled: a goodbye (the will's shape) replaced the retained "online".
     await sub.wait_until(lambda _: _states(sub)[-1:] == ["offline"])
     goodbye = sub.payloads()[-1]
-    assert without_broker(goodbye) == {"hub_id": HUB, "version": "test", "days": 4, "state": "offline"}
-    assert broker_status(goodbye)["state"] == "connected"  # it was, when it said goodbye
+    assert goodbye == {"schema": "rpm-gateway/status/1", "hub_id": HUB, "state": "offline",
+                       "at": goodbye["at"], "reason": "stopped"}
 
 
 async def test_events_are_published_and_the_queue_drops_oldest(
@@ -409,11 +412,12 @@ async def test_events_are_published_and_the_queue_drops_oldest(
         mqtt_cfg(mosquitto.host, mosquitto.port), HUB, outbox, status_provider, event_queue_size=3
     )
     for i in range(5):  # not connected yet: the bounded queue keeps the newest three
-        await uplink.publish_event("clock_drift", {"i": i})
+        await uplink.publish_event("clock_drift", {"device": "C0:00:00:00:BC:01", "offset_s": i,
+                                                   "set": True})
     assert uplink.counters.events_dropped == 2
     async with running(uplink):
         await sub.wait_for(3)
-    assert [(p["event"], p["detail"]["i"]) for p in sub.payloads()] == [
+    assert [(p["event"], p["detail"]["offset_s"]) for p in sub.payloads()] == [
         ("clock_drift", 2),
         ("clock_drift", 3),
         ("clock_drift", 4),
