@@ -31,7 +31,8 @@ from gateway.outbox_schema import COLUMNS
 
 _CHUNK = 256  # seqs per SQLite query: a damaged page costs SQLite's answer for this range only
 _SQLITE_ORDER = -0.5  # newer than the database file's pages, older than any WAL frame
-_CARRIED_COUNTERS = ("rejected_full", "dropped", "checksum_failures", "salvaged", "salvage_lost")
+_CARRIED_COUNTERS = ("rejected_full", "dropped", "checksum_failures", "salvaged", "salvage_lost",
+                     "unattributed_dropped")
 
 Row = tuple[Value, ...]  # reading_id .. retry_at (14 columns)
 
@@ -71,6 +72,13 @@ def salvage_into(conn: sqlite3.Connection, damaged: Path, *, wal_damaged: bool) 
             chosen[seq] = max(good, key=lambda c: (c[1][9] is not None, c[0]))[1]
         elif candidates or seq in scanned.undecodable:
             lost += 1
+    # A reading is stored again under a higher seq only as its newer state (assigned to a
+    # patient, claimed by a corrected binding, or re-sent after its old row was pruned): an
+    # older copy of its row the scanner found on a freed page must not win over it.
+    newest: dict[Value, int] = {}
+    for seq, row in chosen.items():
+        newest[row[0]] = max(seq, newest.get(row[0], seq))
+    chosen = {seq: row for seq, row in chosen.items() if newest[row[0]] == seq}
     high = max([scanned.max_seq, *chosen], default=0)
     conn.execute("BEGIN IMMEDIATE")
     try:

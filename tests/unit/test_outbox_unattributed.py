@@ -426,14 +426,6 @@ def _crash_copy_with_damaged_wal(src: Path, dst: Path) -> None:
     dst.with_name(dst.name + "-wal").write_bytes(bytes(wal))
 
 
-_SALVAGE_GAP = (
-    "gateway/outbox_salvage.py (not this change's file) keeps the lowest seq of a reading_id and "
-    "does not carry unattributed_dropped; proposed fix in /tmp/salvage-newest-reading-id.patch. "
-    "Remove this mark when it is applied."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_SALVAGE_GAP)
 async def test_an_assignment_survives_a_salvage_of_the_file(tmp_path: Path) -> None:
     item = guest(1)
     async with Outbox(tmp_path / "o.db", OutboxConfig()) as ob:
@@ -452,7 +444,6 @@ async def test_an_assignment_survives_a_salvage_of_the_file(tmp_path: Path) -> N
         assert (stats.pending, stats.unattributed) == (4, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=_SALVAGE_GAP)
 async def test_the_unattributed_drop_counter_survives_a_salvage(tmp_path: Path) -> None:
     clock = Clock()
     async with Outbox(tmp_path / "o.db", small(keep_delivered_days=31), clock=clock) as ob:
