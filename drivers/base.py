@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -112,6 +112,7 @@ class Driver(Protocol):
         ...
 
 
+@runtime_checkable
 class Provisioning(Protocol):
     """What `rpm-gateway pair` asks of a driver besides the readings: who the device is, and
     its clock read and set, without subscribing (a subscription makes many devices send)."""

@@ -62,4 +62,5 @@ DRIVER = StandardProfileDriver(
     service=uuids.BLOOD_PRESSURE,
     measurement=uuids.BLOOD_PRESSURE_MEASUREMENT,
     decode=decode_bp,
+    kind="blood_pressure",
 )

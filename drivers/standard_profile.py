@@ -22,6 +22,7 @@ from drivers import uuids
 from drivers.base import (
     ClockCheck,
     DeviceInfo,
+    Kind,
     Measurement,
     MeasurementSink,
     SessionHooks,
@@ -103,6 +104,7 @@ class StandardProfileDriver:
     service: int
     measurement: int
     decode: Callable[[bytes], Measurement]
+    kind: Kind  # what its readings are (the payload's `kind`)
 
     def matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
         """True when the advertisement lists this profile's service."""
@@ -341,6 +343,11 @@ class CombinedDriver:
     def version(self) -> str:
         """The first part's version (each reading carries its own part's)."""
         return self.parts[0].version
+
+    @property
+    def kind(self) -> str:
+        """The parts' kinds joined with '+'."""
+        return "+".join(p.kind for p in self.parts)
 
     def matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
         """True when any part matches."""

@@ -52,4 +52,5 @@ DRIVER = StandardProfileDriver(
     service=uuids.WEIGHT_SCALE,
     measurement=uuids.WEIGHT_MEASUREMENT,
     decode=decode_weight,
+    kind="body_weight",
 )

@@ -7,12 +7,13 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import json
 import logging
 import signal
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from bleak import BleakScanner
@@ -22,6 +23,7 @@ from bleak.backends.scanner import AdvertisementData
 from drivers import registry as drivers
 from drivers.base import DeviceInfo, Driver, Measurement, StorageUnavailableError
 from drivers.standard_profile import CombinedDriver
+from gateway import technician
 from gateway.ble.adapter_control import AdapterControlError
 from gateway.ble.errors import AdapterBusyError, BondLostError, SessionError
 from gateway.ble.radio import Radio, open_radio
@@ -29,12 +31,15 @@ from gateway.ble.recovery import RecoveryLadder, Step
 from gateway.ble.scan_gate import ScanGate
 from gateway.ble.session import SessionContext, run_session
 from gateway.config import DeviceBinding, GatewayConfig
-from gateway.days import DaysWithData, period_on
+from gateway.control import ControlServer, OpError
+from gateway.days import current_days
 from gateway.intake import belongs_to, build_reading, commit
+from gateway.local_hub import SNAPSHOT_FILE
 from gateway.lograte import StateLog
 from gateway.outbox import Outbox, OutboxError, PutResult
-from gateway.pairings import enrolled_on, open_pairings
+from gateway.pairings import RegistryError, open_pairings, write_atomically
 from gateway.status import HubStatus
+from gateway.technician import BUSY_WAIT_S, EXIT_TEMPFAIL
 from gateway.timebase import hub_clock_plausible, hub_clock_synced
 from gateway.uplink import Uplink
 
@@ -89,8 +94,7 @@ class Agent:
         self._radio = radio  # an already-open radio (tests); None: open the configured one
         self.pairings = open_pairings(cfg.devices, cfg.hub.data_dir)
         self.status = HubStatus(hub_id=cfg.hub.id)
-        for address in self.pairings.addresses():
-            self.status.device(address)  # every binding is in the status from the start
+        self._sync_status_devices()  # every binding is in the status from the start
         trust = cfg.hub.trust_clock
         self._clock_synced = clock_synced or (hub_clock_synced if trust is None else lambda: trust)
         self.status.hub_clock_synced = self._clock_synced()
@@ -123,6 +127,10 @@ class Agent:
         self._scan_error: str | None = None  # why the scanner last failed to start, until it starts
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
+        self._radio_open: Radio | None = None
+        self._snapshot_due = False  # a session stored readings: save the status for the CLI
+        # Technicians' scans and pairings over the control socket hear adverts here.
+        self._listeners: list[Callable[[BLEDevice, AdvertisementData], None]] = []
 
     def stop(self) -> None:
         """Ask the agent to finish: sessions are cancelled, committed readings stay committed."""
@@ -153,8 +161,10 @@ class Agent:
             async with radio_cm as radio, \
                     Outbox(self.cfg.outbox_path, self.cfg.outbox) as outbox:
                 self.outbox = outbox
+                self._radio_open = radio
                 self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self._status_dict)
                 self._report_recovery(outbox)
+                self._publish_registry_events()  # journalled while no agent ran
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self.uplink.run(), name="uplink")
@@ -165,10 +175,12 @@ class Agent:
                         tg.create_task(self._watch_stack(radio), name="stack watch")
                         tg.create_task(self._dispatch(radio, tg), name="dispatch")
                         tg.create_task(self._housekeeping(outbox), name="housekeeping")
+                        tg.create_task(self._serve_control(), name="control socket")
                         await self._stop.wait()
                         raise _Stop
                 except* _Stop:
                     pass
+                await self._save_snapshot()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -182,6 +194,11 @@ class Agent:
         helped = self._ladder.on_advert(time.monotonic())
         if helped is not None:
             self._radio_recovered(helped)
+        for listener in tuple(self._listeners):
+            try:
+                listener(device, adv)
+            except Exception:  # a technician's scan must never break the agent's own
+                log.debug("advertisement listener failed", exc_info=True)
         address = device.address.upper()
         if self.pairings.lookup(address) is None:
             self.status.saw_unknown(address)
@@ -508,6 +525,9 @@ class Agent:
             entry.clock_offset_s = stats.clock.offset_s if stats.clock else None
             entry.clock_set = stats.clock.set_ok if stats.clock else None
             entry.battery_level = stats.info.battery_level
+            entry.kind = getattr(driver, "kind", None) or entry.kind
+            entry.model = stats.info.model or entry.model
+            entry.serial = stats.info.serial or entry.serial
             if any((stats.info.manufacturer, stats.info.model, stats.info.serial)):
                 self._known_info[address] = stats.info
             if entry.clock_offset_s is not None and abs(entry.clock_offset_s) > CLOCK_DRIFT_EVENT_S:
@@ -558,6 +578,7 @@ class Agent:
             self._cooldown_until[address] = asyncio.get_running_loop().time() + wait
             if unattributed:
                 self._event("unattributed_readings", {"device": address, "count": unattributed})
+            self._snapshot_due = self._snapshot_due or brought or unattributed > 0
             self._refresh.set()
 
     def _cooldown(self, address: str, *, brought: bool, failed: bool) -> float:
@@ -665,14 +686,128 @@ class Agent:
         """The allowlist changed: new devices are read from their next advertisement, removed
         ones no more (a session under way stores what it gets as unattributed)."""
         bound = self.pairings.addresses()
-        for address in bound:
-            self.status.device(address)
+        for address in bound - set(self.status.devices):
             self._cooldown_until.pop(address, None)
             self._idle_runs.pop(address, None)
         for address in set(self.status.devices) - bound:
             del self.status.devices[address]
+        self._sync_status_devices()
         log.info("pairing registry changed: %d paired device(s)", len(bound))
+        self._publish_registry_events()
         self._refresh.set()
+
+    def _sync_status_devices(self) -> None:
+        """Each binding's entry in the status: whose it is, where it is bound, what it is."""
+        for bound in self.pairings.all():
+            entry = self.status.device(bound.binding.address)
+            entry.patient_id = bound.binding.patient_id
+            entry.source = bound.source
+            known = bound.entry.device if bound.entry is not None else {}
+            entry.kind = entry.kind or _text(known.get("kind"))
+            entry.model = entry.model or _text(known.get("model"))
+            entry.serial = entry.serial or _text(known.get("serial"))
+
+    def _publish_registry_events(self) -> None:
+        """Publish the events `pair`, `unpair` and `assign` journalled (here or by a CLI alone)."""
+        registry = self.pairings.registry
+        if registry is None or self.uplink is None:
+            return  # kept in the journal until the uplink exists
+        try:
+            events = registry.take_events()
+        except RegistryError as e:
+            log.warning("pairing registry: could not take its events (%s); kept for later", e)
+            return
+        for event in events:
+            detail, at = event.get("detail"), event.get("at")
+            if isinstance(detail, dict):
+                self._event(str(event.get("name")), detail, at if isinstance(at, str) else None)
+
+    # -- the technician's operations (gateway.technician.Host) ---------------------------------
+
+    async def get_radio(self) -> Radio:
+        """The agent's own radio."""
+        if self._radio_open is None:
+            raise OpError("the agent's radio is not open yet; try again in a moment", 69)
+        return self._radio_open
+
+    def listen(self, callback: Callable[[BLEDevice, AdvertisementData], None]) -> Callable[[], None]:
+        """Hear every advertisement the agent's scanner hears, until the returned call."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, address: str) -> AsyncIterator[None]:
+        """Keep the agent's own sessions off `address` while a technician pairs or unpairs it."""
+        address = address.upper()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUSY_WAIT_S
+        while address in self._active:
+            if loop.time() > deadline:
+                raise OpError(f"{address} is busy in a session with the agent; try again in a "
+                              "minute", EXIT_TEMPFAIL)
+            await asyncio.sleep(0.2)
+        self._active.add(address)
+        try:
+            async with self._gate.connecting():
+                yield
+        finally:
+            self._active.discard(address)
+            self._cooldown_until.pop(address, None)
+
+    def clock_trusted(self) -> bool:
+        """Whether the hub clock may set device clocks now."""
+        return self._clock_synced() and hub_clock_plausible(dt.datetime.now(dt.UTC))
+
+    def local_now(self) -> dt.datetime:
+        """The patient's local wall time, naive."""
+        return self._local_now()
+
+    def readings_assigned(self) -> None:
+        """A technician made unattributed readings pending: deliver them now."""
+        if self.uplink is not None:
+            self.uplink.reading_stored()
+        self._refresh.set()
+
+    async def status_doc(self) -> dict[str, Any]:
+        """The status as published, with the broker's state, for `rpm-gateway status`."""
+        if self.outbox is not None:
+            with contextlib.suppress(OutboxError):
+                self.status.outbox = dataclasses.asdict(await self.outbox.stats())
+                self.status.days_with_data = await self._days_with_data(self.outbox)
+        doc = self._status_dict()
+        if self.uplink is not None:
+            doc["broker"] = self.uplink.broker_status()
+        doc["agent"] = "running"
+        return doc
+
+    async def _save_snapshot(self) -> None:
+        """The status as of now in <data_dir>/status.json, for `status` while no agent runs.
+
+        Written only when readings came in and at stop: a few small writes a day, not a
+        heartbeat's wear on the SD card.
+        """
+        doc = self._status_dict()
+        if self.uplink is not None:
+            doc["broker"] = self.uplink.broker_status()
+        text = json.dumps(doc, indent=1, default=str) + "\n"
+        try:
+            await asyncio.to_thread(write_atomically, self.cfg.hub.data_dir / SNAPSHOT_FILE, text)
+        except OSError as e:
+            log.debug("status snapshot not saved: %s", e)
+
+    async def _serve_control(self) -> None:
+        """Answer `rpm-gateway` commands on the control socket while the agent runs."""
+        path = self.cfg.hub.control_socket
+        try:
+            async with ControlServer(path, technician.handlers(self)):
+                self.status.control_socket = str(path)
+                log.info("control socket: %s", path)
+                await asyncio.Event().wait()
+        except OSError as e:
+            self.status.control_socket = None
+            # The readings do not depend on it; a technician's command then works alone.
+            log.warning("control socket %s unavailable (%s); `rpm-gateway` commands on this hub "
+                        "will not reach the agent", path, e.strerror or e)
 
     def _report_recovery(self, outbox: Outbox) -> None:
         report = outbox.recovery
@@ -713,11 +848,11 @@ class Agent:
         log.debug("undecodable value on 0x%s: %s (%s)", characteristic, reason, raw.hex())
         self._event("decode_error", {"characteristic": characteristic})
 
-    def _event(self, name: str, detail: dict[str, object]) -> None:
-        """Queue an event for the events topic without waiting (no patient data in it)."""
+    def _event(self, name: str, detail: dict[str, object], at: str | None = None) -> None:
+        """Queue an event for the events topic without waiting; `at`: when, if not now."""
         if self.uplink is None:
             return
-        self._spawn(self.uplink.publish_event(name, detail))
+        self._spawn(self.uplink.publish_event(name, detail, at=at))
 
     def _local_now(self) -> dt.datetime:
         return dt.datetime.now(self.cfg.hub.zone).replace(tzinfo=None)
@@ -738,6 +873,9 @@ class Agent:
                 log.error("outbox housekeeping failed: %s", e)
             if self.uplink is not None:
                 self.uplink.status_changed()
+            if self._snapshot_due:
+                self._snapshot_due = False
+                await self._save_snapshot()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HOUSEKEEPING_INTERVAL_S):
                     await self._refresh.wait()
@@ -745,22 +883,11 @@ class Agent:
 
     async def _days_with_data(self, outbox: Outbox) -> dict[str, dict[str, object]]:
         """Per patient: days with data in the current 30-day period (gateway.days)."""
-        store = self.pairings.registry
-        today = self._local_now().date()
-        if store is not None:
-            store.ensure(self.pairings.addresses(), today)
-        anchors: dict[str, dt.date] = {}
-        for bound in self.pairings.all():
-            binding = bound.binding
-            day = enrolled_on(binding, store, today)
-            anchors[binding.patient_id] = min(day, anchors.get(binding.patient_id, day))
-        result: dict[str, dict[str, object]] = {}
-        for patient, enrolled in sorted(anchors.items()):
-            period = period_on(enrolled, today)
-            days = await outbox.days_with_data(patient, period.start.isoformat(),
-                                               period.end.isoformat())
-            result[patient] = DaysWithData(tuple(days), period, today).as_dict()
-        return result
+        return await current_days(self.pairings, outbox, self._local_now().date())
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _kind(reason: str | None) -> str | None:

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from gateway import __version__
 from gateway.config import ConfigError, GatewayConfig, load_config
@@ -23,10 +24,19 @@ EX_CANTCREAT = 73
 EX_CONFIG = 78
 
 DEFAULT_CONFIG = Path("/etc/rpm-gateway/gateway.toml")
+TECH_COMMANDS = ("scan", "pair", "unpair", "devices", "status", "unattributed", "assign")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with sysexits' EX_USAGE (64) for a wrong command line, not 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rpm-gateway",
         description="Reads Bluetooth LE medical devices and delivers every reading over MQTT.",
     )
@@ -53,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                          "on radio.kind = \"virtual\" with radio.link set (development only)",
                          add_help=False)
     sim.add_argument("simulate_args", nargs=argparse.REMAINDER)
+
+    from gateway import tech_cli  # noqa: PLC0415
+
+    tech_cli.add_commands(sub)
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -184,6 +198,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return simulate_main(args.simulate_args)
 
 
+def _cmd_technician(args: argparse.Namespace) -> int:
+    from gateway import tech_cli  # noqa: PLC0415
+
+    return tech_cli.run(args)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from gateway.config_check import check_file, summary  # noqa: PLC0415
 
@@ -219,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return simulate_main(argv[1:])
     args = _parser().parse_args(argv)
     handlers = {"decode": _cmd_decode, "run": _cmd_run, "demo": _cmd_demo, "config": _cmd_config,
-                "simulate": _cmd_simulate}
+                "simulate": _cmd_simulate, **dict.fromkeys(TECH_COMMANDS, _cmd_technician)}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

@@ -36,6 +36,8 @@ class HubConfig(_Section):
     # Whether the hub clock may be trusted to stamp readings and set device clocks.
     # None: ask the kernel whether NTP has synchronised it (a Pi has no RTC).
     trust_clock: bool | None = None
+    # Where the agent listens for `rpm-gateway` commands (the unit's RuntimeDirectory=).
+    control_socket: Path = Path("/run/rpm-gateway/control.sock")
 
     @field_validator("timezone")
     @classmethod

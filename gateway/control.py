@@ -51,9 +51,11 @@ class Conversation:
     """What an operation may say while it works: progress, and questions for the technician."""
 
     def __init__(self, send: Callable[[dict[str, Any]], Awaitable[None]],
-                 receive: Callable[[], Awaitable[dict[str, Any]]], by: str) -> None:
+                 receive: Callable[[], Awaitable[dict[str, Any]]], by: str,
+                 asker: Callable[[str, str], Awaitable[str | None]] | None = None) -> None:
         self._send = send
         self._receive = receive
+        self._asker = asker  # in-process: ask the terminal directly, not over a socket
         self.by = by
 
     async def progress(self, **fields: Any) -> None:
@@ -62,6 +64,8 @@ class Conversation:
 
     async def ask(self, what: str, prompt: str) -> str | None:
         """Ask the technician; None when no answer comes (client gone, timed out, no input)."""
+        if self._asker is not None:
+            return await self._asker(what, prompt)
         await self._send({"ask": {"what": what, "prompt": prompt}})
         try:
             async with asyncio.timeout(ANSWER_TIMEOUT_S):
@@ -111,13 +115,13 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         try:
             await self._conversation(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             log.debug("control client left")
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -187,7 +191,7 @@ def _who(writer: asyncio.StreamWriter, claimed: object) -> str:
 async def _clear_stale(path: Path) -> None:
     """Remove a socket file left by an agent that died; refuse if an agent still answers."""
     try:
-        mode = path.lstat().st_mode
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
@@ -195,7 +199,8 @@ async def _clear_stale(path: Path) -> None:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 2.0)
     except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         return
     writer.close()
     raise OSError(f"another agent already listens on {path}")
@@ -232,7 +237,7 @@ async def call(path: Path, op: str, args: Mapping[str, Any] | None = None, *,
         raise AgentUnreachable(str(path)) from e
     try:
         writer.write(json.dumps({"op": op, "args": dict(args or {}),
-                                 "by": by or _login_name()}).encode() + b"\n")
+                                 "by": by or login_name()}).encode() + b"\n")
         await writer.drain()
         async with asyncio.timeout(timeout):
             while True:
@@ -257,7 +262,7 @@ async def call(path: Path, op: str, args: Mapping[str, Any] | None = None, *,
             await writer.wait_closed()
 
 
-def _login_name() -> str:
+def login_name() -> str:
     """The technician's own name, also under sudo."""
     for var in ("SUDO_USER", "LOGNAME", "USER"):
         value = os.environ.get(var)

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.outbox import Outbox
+    from gateway.pairings import Pairings
 
 PERIOD_DAYS = 30
 DAYS_FOR_99454 = 16
@@ -81,3 +86,30 @@ class DaysWithData:
             "code": self.code,
             "summary": self.words(),
         }
+
+
+async def current_days(
+    pairings: Pairings, outbox: Outbox | None, today: dt.date
+) -> dict[str, dict[str, object]]:
+    """Per patient: days with data in the period containing `today` (the status's field).
+
+    Records today as the first-seen day of bindings that have none (see gateway.pairings).
+    No outbox yet (a hub that never stored a reading): every count is 0.
+    """
+    from gateway.pairings import enrolled_on  # noqa: PLC0415 (the rule above stays import-light)
+
+    store = pairings.registry
+    if store is not None:
+        store.ensure(pairings.addresses(), today)
+    anchors: dict[str, dt.date] = {}
+    for bound in pairings.all():
+        day = enrolled_on(bound.binding, store, today)
+        patient = bound.binding.patient_id
+        anchors[patient] = min(day, anchors.get(patient, day))
+    result: dict[str, dict[str, object]] = {}
+    for patient, enrolled in sorted(anchors.items()):
+        period = period_on(enrolled, today)
+        days = [] if outbox is None else await outbox.days_with_data(
+            patient, period.start.isoformat(), period.end.isoformat())
+        result[patient] = DaysWithData(tuple(days), period, today).as_dict()
+    return result

@@ -52,7 +52,7 @@ class RegistryEntry:
     paired_by: str | None = None
     # What `pair` learnt of the device (manufacturer, model, serial, firmware, kind, driver):
     # `devices` shows it while the agent has not connected yet.
-    device: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    device: Mapping[str, str | int | float | None] = dataclasses.field(default_factory=dict)
 
     def as_json(self) -> dict[str, object]:
         """The entry as stored in the file."""
@@ -72,7 +72,8 @@ class RegistryEntry:
         if not isinstance(device, dict):
             raise TypeError("device is not an object")
         return cls(binding, str(doc["paired_at"]), doc.get("paired_by"),
-                   {str(k): None if v is None else str(v) for k, v in device.items()})
+                   {str(k): v if v is None or isinstance(v, int | float) else str(v)
+                    for k, v in device.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +174,7 @@ class PairingRegistry:
 
     def bind(self, binding: DeviceBinding, *, by: str | None = None,
              now: dt.datetime | None = None,
-             device: Mapping[str, str | None] | None = None) -> RegistryEntry:
+             device: Mapping[str, str | int | float | None] | None = None) -> RegistryEntry:
         """Add or replace the binding of `binding.address`; on disk when this returns.
 
         Journals a `device_paired` event, or `device_rebound` when the device was bound to
@@ -281,7 +282,7 @@ class PairingRegistry:
                         self._first_seen = {**self._first_seen, **seen}
                 state = _State(dict(self._entries), dict(self._first_seen), list(self._events))
                 change(state)
-                _write_atomically(self.path, _dump(state))
+                write_atomically(self.path, _dump(state))
                 self._entries, self._first_seen = state.entries, state.first_seen
                 self._events = state.events
                 self._identity = self._stat()
@@ -325,7 +326,8 @@ def _utc(now: dt.datetime | None) -> str:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` so a crash leaves the old file or the new one, never half."""
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=directory)
     try:
