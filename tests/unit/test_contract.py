@@ -329,7 +329,9 @@ def test_the_event_schema_rejects_what_the_model_rejects() -> None:
     assert errors(EVENT, {**good, "at": good["at"].replace("Z", "+00:00")})
 
 
-EMITTED = re.compile(r"""(?:_event|publish_event)\(\s*["']([a-z_]+)["']""")
+# Published directly (agent._event, uplink.publish_event), or journalled by the CLI for the
+# agent to publish (the pairing registry's {"name": ...} entries, registry.journal(...)).
+EMITTED = re.compile(r"""(?:_event\(|publish_event\(|journal\(|\{"name":)\s*["']([a-z_]+)["']""")
 
 
 def test_every_event_the_gateway_emits_is_declared() -> None:
