@@ -149,16 +149,15 @@ def header_lines(width: int) -> list[Text]:
 
 
 def format_row(r: Mapping[str, Any], width: int = 80) -> Text:
-    """One table line for a reading payload, at most `width` cells: local time, patient,
-    device, the values as a person reads them, flags, where the time came from."""
+    """One table line for a reading payload, at most `width` cells: the time in the patient's
+    zone (the payload's `timezone`; this machine's without one), patient, device, the values as
+    a person reads them, flags, where the time came from."""
     device = r.get("device")
     dev: Mapping[str, Any] = device if isinstance(device, Mapping) else {}
     flags = render.short_flags(r.get("status", ()), bool(r.get("valid", True)))
     flag_style = "" if flags == "ok" else "bold red" if flags.startswith("INVALID") else "yellow"
-    measured = r.get("measured_at")
     cells = [
-        Text(render.local_time(measured, None, fmt="%H:%M:%S") if isinstance(measured, str)
-             else render.MISSING),
+        Text(_local_time(r.get("measured_at"), r.get("timezone"))),
         Text(render.one_line(r.get("patient_id", ""), 40) or render.MISSING),
         Text(render.device_label(dev, r.get("kind"), width=13)),
         Text(render.reading_values(r)),
@@ -166,6 +165,15 @@ def format_row(r: Mapping[str, Any], width: int = 80) -> Text:
         Text(render.time_source(r.get("time_source"))),
     ]
     return _line(cells, width)
+
+
+def _local_time(measured: object, zone: object) -> str:
+    if not isinstance(measured, str):
+        return render.MISSING
+    if isinstance(zone, str) and zone:
+        with contextlib.suppress(KeyError, ValueError, OSError):  # a zone this machine lacks
+            return render.local_time(measured, zone, fmt="%H:%M:%S")
+    return render.local_time(measured, None, fmt="%H:%M:%S")
 
 
 class HeldLogs(logging.Handler):
@@ -343,8 +351,8 @@ async def _run(json_out: bool, readings: int, timeout: float,
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(run, 15)
                 sub.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sub
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await sub  # MqttError: reported below
                 if held is not None:
                     held.replay()  # the table is over: what was logged meanwhile, in order
             if timed_out:
@@ -352,6 +360,10 @@ async def _run(json_out: bool, readings: int, timeout: float,
             if run.done() and not run.cancelled() and run.exception() is not None:
                 print(f"demo: the agent failed: {run.exception()}", file=sys.stderr)
                 return 70
+            if sub.done() and not sub.cancelled() and sub.exception() is not None:
+                print(f"demo: the clinic's subscriber lost the broker: {sub.exception()}",
+                      file=sys.stderr)
+                return 1
             if not done.is_set():
                 return 0 if interrupted else 1
             if not json_out:

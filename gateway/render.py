@@ -232,9 +232,10 @@ def local_time(utc_iso: str, zone: str | dt.tzinfo | None = None, *,
                fmt: str = "%Y-%m-%d %H:%M") -> str:
     """A UTC instant ("2026-12-02T07:14:05Z") as wall time in `zone`: "2026-12-02 08:14".
 
-    `zone` is an IANA name, a tzinfo, or None for this machine's zone; an unknown name raises
-    ZoneInfoNotFoundError (it is configuration, not data). A time without an offset is taken
-    as UTC; one that does not parse prints as —. `fmt="%H:%M:%S"` gives "08:14:05".
+    `zone` is an IANA name, a tzinfo, or None for this machine's zone; a name this machine
+    does not know raises ZoneInfoNotFoundError (a KeyError), a malformed one ValueError: a
+    zone is configuration, not data. A time without an offset is taken as UTC; one that does
+    not parse prints as —. `fmt="%H:%M:%S"` gives "08:14:05".
     """
     tz = _zone(zone)
     try:

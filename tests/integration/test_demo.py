@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -99,14 +100,22 @@ def test_rows_fit_the_width(width: int) -> None:
     assert len(lines) == 3
     assert all(len(line) <= width for line in lines), lines
     assert lines[0].split() == ["time", "patient", "device", "reading", "flags", "clock"]
-    # The time is local: this process's zone.
     assert "132/87 mmHg, pulse 176" in lines[2]
     assert lines[2].endswith(" hub")
     assert ("irregular, moved" in lines[2]) == (width == 100)  # 80 columns: "irregular…"
 
 
+def test_the_time_is_the_patients_local_time() -> None:
+    berlin = _printed(80, {**READING, "timezone": "Europe/Berlin"})[2]
+    assert berlin.startswith("08:14:05 patient-0001 ")
+    assert _printed(80, {**READING, "timezone": "America/Chicago"})[2].startswith("01:14:05 ")
+    unknown = _printed(80, {**READING, "timezone": "Mars/Olympus_Mons"})[2]
+    assert unknown.startswith(dt.datetime(2026, 12, 2, 7, 14, 5, tzinfo=dt.UTC).astimezone()
+                              .strftime("%H:%M:%S "))  # this machine's zone
+
+
 @given(st.fixed_dictionaries({
-    "measured_at": st.text(max_size=30), "patient_id": st.text(max_size=40),
+    "measured_at": st.text(max_size=30), "timezone": st.text(max_size=30), "patient_id": st.text(max_size=40),
     "kind": st.text(max_size=20), "status": st.lists(st.text(max_size=20), max_size=4),
     "valid": st.booleans(), "time_source": st.text(max_size=30),
     "device": st.fixed_dictionaries({"address": st.text(max_size=20),
