@@ -236,8 +236,9 @@ class Detail(_Part):
     """An event's `detail` object."""
 
 
-class NoDetail(Detail):
-    """Nothing to add."""
+class BluetoothdRestarted(Detail):
+    """bluetoothd restarted under the agent: stale links are released, the scanner reopened.
+    No detail."""
 
 
 class StoragePressure(Detail):
@@ -370,7 +371,7 @@ EVENTS: Final[Mapping[str, type[Detail]]] = {
     "clock_drift": ClockDrift,
     "bond_lost": BondLost,
     "unattributed_readings": UnattributedReadings,
-    "bluetoothd_restarted": NoDetail,
+    "bluetoothd_restarted": BluetoothdRestarted,
     "radio_exclusive": RadioExclusive,
     "radio_recovery": RadioRecovery,
     "radio_recovered": RadioRecovered,
