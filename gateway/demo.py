@@ -37,6 +37,8 @@ id = "{hub}"
 timezone = "{zone}"
 data_dir = "{data_dir}"
 trust_clock = true
+# Its own control socket: on a hub the service's agent keeps /run/rpm-gateway/control.sock.
+control_socket = "{data_dir}/control.sock"
 
 [mqtt]
 host = "{host}"

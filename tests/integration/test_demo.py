@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from gateway.demo import HeldLogs, format_row, header_lines
+from gateway.demo import HeldLogs, demo_config, format_row, header_lines
 from gateway.models import Reading
 
 pytestmark = pytest.mark.integration
@@ -162,6 +163,13 @@ def test_held_logs_keep_every_error_beyond_the_limit() -> None:
         held.emit(logging.LogRecord("x", level, __file__, 1, "m", None, None))
     assert [r.levelno for r in held.records] == [logging.WARNING, logging.WARNING, logging.ERROR]
     assert held.dropped == 1
+
+
+def test_the_demo_agent_keeps_off_the_hubs_control_socket(tmp_path: Path) -> None:
+    # On a hub the service's agent owns /run/rpm-gateway/control.sock; `rpm-gateway status`
+    # must never reach the demo's agent instead.
+    cfg = demo_config("127.0.0.1", 1883, tmp_path, 1)
+    assert cfg.hub.control_socket == tmp_path / "control.sock"
 
 
 def test_demo_json_payloads_follow_the_schema() -> None:
