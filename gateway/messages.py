@@ -21,7 +21,6 @@ from typing import Annotated, Any, Final, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
-from drivers.base import Kind
 from gateway.models import UtcInstant, dump_schema, not_required, reading_json_schema
 from gateway.outbox import OutboxStats
 from gateway.uplink_health import BrokerState
@@ -70,7 +69,9 @@ class DeviceReport(_Part):
     patient_id: str | None = Field(default=None, description="the bound patient")
     source: BindingSource | None = Field(default=None, description="where the binding comes from: "
                                          "the config file or the pairing registry")
-    kind: Kind | None = None
+    # A device offering several profiles reads as their kinds joined with "+".
+    kind: str | None = Field(default=None, pattern=r"^[a-z_]+(\+[a-z_]+)*$",
+                             description="the payload kind(s) of its readings")
     model: str | None = None
     serial: str | None = None
 
@@ -331,7 +332,8 @@ class DevicePaired(Detail):
 
     device: Address
     patient_id: str
-    kind: Kind | None = None
+    kind: str | None = Field(default=None, pattern=r"^[a-z_]+(\+[a-z_]+)*$",
+                             description="the payload kind(s) of its readings")
     user_index: int | None = Field(description="the device's user slot; null: the whole device")
     by: By
 

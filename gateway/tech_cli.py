@@ -171,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
         return EX_NOPERM
     ui.stop()
     if ui.via == "alone" and not args.json and args.command in ("scan", "pair", "unpair"):
-        ui.err.print(Text(f"(no agent answers on {socket}: this command used the radio itself)",
-                          style="dim"))
+        print(f"(no agent answers on {socket}: this command used the radio itself)",
+              file=sys.stderr)
     if not doc.get("ok"):
         print(f"rpm-gateway {args.command}: {doc.get('error')}", file=sys.stderr)
         return int(doc.get("exit") or 1)
