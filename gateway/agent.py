@@ -9,6 +9,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import signal
 import statistics
 import time
@@ -34,7 +35,7 @@ from gateway.config import DeviceBinding, GatewayConfig
 from gateway.control import ControlServer, OpError
 from gateway.days import current_days
 from gateway.intake import belongs_to, build_reading, commit
-from gateway.local_hub import SNAPSHOT_FILE
+from gateway.local_hub import SNAPSHOT_FILE, hold_agent_lock
 from gateway.lograte import StateLog
 from gateway.outbox import Outbox, OutboxError, PutResult
 from gateway.pairings import RegistryError, open_pairings, write_atomically
@@ -42,6 +43,7 @@ from gateway.status import HubStatus
 from gateway.technician import BUSY_WAIT_S, EXIT_TEMPFAIL
 from gateway.timebase import hub_clock_plausible, hub_clock_synced
 from gateway.uplink import Uplink
+from gateway.uplink_health import BrokerState
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ class Agent:
         self.uplink: Uplink | None = None
         self._radio_open: Radio | None = None
         self._snapshot_due = False  # a session stored readings: save the status for the CLI
+        self._taking_events = False  # a take of the registry's journalled events is under way
         # Technicians' scans and pairings over the control socket hear adverts here.
         self._listeners: list[Callable[[BLEDevice, AdvertisementData], None]] = []
 
@@ -159,9 +162,14 @@ class Agent:
             radio_cm = (contextlib.nullcontext(self._radio) if self._radio is not None
                         else open_radio(self.cfg.radio, self.cfg.hub.zone))
             async with radio_cm as radio, \
-                    Outbox(self.cfg.outbox_path, self.cfg.outbox) as outbox:
+                    Outbox(self.cfg.outbox_path, self.cfg.outbox) as outbox, \
+                    contextlib.AsyncExitStack() as stack:
                 self.outbox = outbox
                 self._radio_open = radio
+                # Tells a CLI that cannot reach the control socket that the radio is owned.
+                lock_fd = await asyncio.to_thread(hold_agent_lock, self.cfg.hub.data_dir)
+                if lock_fd is not None:
+                    stack.callback(os.close, lock_fd)
                 self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self._status_dict)
                 self._report_recovery(outbox)
                 self._publish_registry_events()  # journalled while no agent ran
@@ -681,6 +689,8 @@ class Agent:
             await asyncio.sleep(PAIRINGS_CHECK_S)
             if self.pairings.refresh():
                 self.pairings_changed()
+            else:
+                self._publish_registry_events()  # journalled while the broker was away
 
     def pairings_changed(self) -> None:
         """The allowlist changed: new devices are read from their next advertisement, removed
@@ -710,17 +720,28 @@ class Agent:
     def _publish_registry_events(self) -> None:
         """Publish the events `pair`, `unpair` and `assign` journalled (here or by a CLI alone)."""
         registry = self.pairings.registry
-        if registry is None or self.uplink is None:
-            return  # kept in the journal until the uplink exists
+        if registry is not None and registry.has_events() and not self._taking_events:
+            self._taking_events = True
+            self._spawn(self._take_registry_events())
+
+    async def _take_registry_events(self) -> None:
+        registry, uplink = self.pairings.registry, self.uplink
         try:
-            events = registry.take_events()
-        except RegistryError as e:
-            log.warning("pairing registry: could not take its events (%s); kept for later", e)
-            return
-        for event in events:
-            detail, at = event.get("detail"), event.get("at")
-            if isinstance(detail, dict):
-                self._event(str(event.get("name")), detail, at if isinstance(at, str) else None)
+            # Taken from the file only while the broker is there: the uplink's event queue
+            # is memory, and the journal is the record of who paired what.
+            if registry is None or uplink is None or uplink.state is not BrokerState.CONNECTED:
+                return
+            try:
+                events = await asyncio.to_thread(registry.take_events)
+            except RegistryError as e:
+                log.warning("pairing registry: could not take its events (%s); kept for later", e)
+                return
+            for event in events:
+                detail, at = event.get("detail"), event.get("at")
+                if isinstance(detail, dict):
+                    self._event(str(event.get("name")), detail, at if isinstance(at, str) else None)
+        finally:
+            self._taking_events = False
 
     # -- the technician's operations (gateway.technician.Host) ---------------------------------
 

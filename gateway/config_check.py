@@ -476,6 +476,20 @@ def _check_storage(hub: HubConfig, outbox: OutboxConfig) -> list[Problem]:
     return problems
 
 
+def _registry_bindings(hub: HubConfig | None) -> int:
+    """Bindings made with `rpm-gateway pair` (kept in the state directory, not the config)."""
+    if hub is None:
+        return 0
+    from gateway.pairings import FILENAME  # noqa: PLC0415
+
+    # Read, never repaired: a check must not move an unreadable registry aside.
+    try:
+        doc = json.loads((hub.data_dir / FILENAME).read_text(encoding="utf-8"))
+        return len(doc.get("bindings") or [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
+
+
 def _environment(hub: HubConfig | None, mqtt: MqttConfig | None, outbox: OutboxConfig | None,
                  devices: Iterable[object] | None) -> list[Problem]:
     problems: list[Problem] = []
@@ -483,9 +497,10 @@ def _environment(hub: HubConfig | None, mqtt: MqttConfig | None, outbox: OutboxC
         problems += _check_mqtt(mqtt)
     if hub is not None and outbox is not None:
         problems += _check_storage(hub, outbox)
-    if devices is not None and not list(devices):
-        problems.append(_warning("devices", "no paired devices: nothing will be read "
-                                 "(add a [[devices]] entry per device)"))
+    if devices is not None and not list(devices) and not _registry_bindings(hub):
+        problems.append(_warning("devices", "no paired devices: nothing will be read (pair "
+                                 "one with `rpm-gateway pair ADDRESS --patient ID`, or add a "
+                                 "[[devices]] entry)"))
     return problems
 
 

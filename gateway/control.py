@@ -33,10 +33,20 @@ log = logging.getLogger(__name__)
 
 # One request line, or one answer: far more than any request needs, and a bound on a stranger.
 MAX_LINE = 64 * 1024
+# What the client reads in one line (a result: 1,000 unattributed readings fit).
+CLIENT_MAX_LINE = 16 * 1024 * 1024
 # A client that sends nothing is dropped after this long.
 REQUEST_TIMEOUT_S = 10.0
-# A question to the technician (a passkey) waits this long for the answer.
-ANSWER_TIMEOUT_S = 120.0
+# A question to the technician (a passkey) waits this long for the answer: less than a
+# pairing waits for its agent (technician.BOND_TIMEOUT_S), so the pairing ends in words.
+ANSWER_TIMEOUT_S = 50.0
+# A message to a client that does not read it (a suspended `scan`) is given up after this.
+SEND_TIMEOUT_S = 10.0
+# Clients served at once; more are told to try again (a runaway script must not pile up).
+MAX_CLIENTS = 16
+# The client gives up when the agent says nothing at all for this long (scans send progress
+# twice a second; a pairing step takes at most the connect or bond timeout).
+SILENCE_TIMEOUT_S = 180.0
 
 
 class OpError(Exception):
@@ -66,11 +76,12 @@ class Conversation:
         """Ask the technician; None when no answer comes (client gone, timed out, no input)."""
         if self._asker is not None:
             return await self._asker(what, prompt)
-        await self._send({"ask": {"what": what, "prompt": prompt}})
         try:
+            await self._send({"ask": {"what": what, "prompt": prompt}})
             async with asyncio.timeout(ANSWER_TIMEOUT_S):
                 reply = await self._receive()
-        except (TimeoutError, ConnectionError, ValueError):
+        except (TimeoutError, ConnectionError, EOFError, ValueError, asyncio.LimitOverrunError):
+            # The technician left (Ctrl-C), typed nothing in time, or sent nonsense: no answer.
             return None
         answer = reply.get("answer")
         return answer if isinstance(answer, str) else None
@@ -117,9 +128,17 @@ class ControlServer:
         assert task is not None
         self._tasks.add(task)
         try:
+            if len(self._tasks) > MAX_CLIENTS:
+                writer.write(json.dumps({"ok": False, "exit": 75, "error": "the agent is busy "
+                                         "with other commands; try again"}).encode() + b"\n")
+                return
             await self._conversation(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, EOFError, TimeoutError):
             log.debug("control client left")
+        except asyncio.CancelledError:
+            # The agent stops. Not re-raised: Python 3.11's server callback logs a cancelled
+            # connection task as an error.
+            log.debug("control client dropped: the agent stops")
         finally:
             self._tasks.discard(task)
             writer.close()
@@ -129,7 +148,8 @@ class ControlServer:
     async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def send(doc: dict[str, Any]) -> None:
             writer.write(json.dumps(doc).encode() + b"\n")
-            await writer.drain()
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await writer.drain()
 
         async def receive() -> dict[str, Any]:
             return _parse(await reader.readuntil(b"\n"))
@@ -154,6 +174,9 @@ class ControlServer:
         except OpError as e:
             await send({"ok": False, "error": str(e), "exit": e.exit_code})
             return
+        except (ConnectionError, EOFError) as e:
+            log.debug("control: %s ended: the client left (%s)", op, type(e).__name__)
+            return
         except Exception as e:  # a bug in one operation must not take the agent down
             log.error("control: %s failed on an internal error (%s)", op, type(e).__name__)
             log.debug("control operation failure", exc_info=True)
@@ -164,7 +187,10 @@ class ControlServer:
 
 
 def _parse(line: bytes) -> dict[str, Any]:
-    doc = json.loads(line)
+    try:
+        doc = json.loads(line)
+    except RecursionError as e:  # "[[[[…": nested deeper than Python recurses
+        raise ValueError("nested too deep") from e
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
@@ -217,49 +243,82 @@ class AgentRefused(Exception):
     """The socket exists but this user may not use it."""
 
 
+class AgentLost(Exception):
+    """The agent took the request and then went away or answered nonsense: its outcome is
+    unknown, so the command must not be done again alone."""
+
+
 Answerer = Callable[[str, str], Awaitable[str | None]]
 ProgressSink = Callable[[dict[str, Any]], None]
 
 
 async def call(path: Path, op: str, args: Mapping[str, Any] | None = None, *,
                progress: ProgressSink | None = None, answer: Answerer | None = None,
-               by: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
+               by: str | None = None, silence_s: float = SILENCE_TIMEOUT_S) -> dict[str, Any]:
     """Run `op` in the agent; returns the final message (``ok``, ``result`` or ``error``).
 
-    Raises AgentUnreachable when nobody listens, AgentRefused when permission is denied.
+    Raises AgentUnreachable when nobody listens (nothing was asked), AgentRefused when
+    permission is denied, AgentLost when the agent took the request and then went silent
+    for `silence_s`, closed the connection, or sent something that is not our protocol.
     """
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path, limit=MAX_LINE * 16), 5.0)
+            asyncio.open_unix_connection(path, limit=CLIENT_MAX_LINE), 5.0)
     except PermissionError as e:
         raise AgentRefused(f"{path}: permission denied (is this user in the service's group?)") from e
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError, TimeoutError) as e:
         raise AgentUnreachable(str(path)) from e
+    pending: asyncio.Task[bytes] | None = None
     try:
         writer.write(json.dumps({"op": op, "args": dict(args or {}),
                                  "by": by or login_name()}).encode() + b"\n")
         await writer.drain()
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await reader.readline()
-                if not line:
-                    raise AgentUnreachable(f"{path}: the agent closed the connection")
-                doc = _parse(line)
-                if "progress" in doc:
-                    if progress is not None:
-                        progress(doc["progress"])
-                elif "ask" in doc:
-                    ask = doc["ask"]
-                    reply = None if answer is None else await answer(
-                        str(ask.get("what")), str(ask.get("prompt")))
+        while True:
+            pending = pending or asyncio.ensure_future(reader.readline())
+            try:
+                async with asyncio.timeout(silence_s):
+                    line = await asyncio.shield(pending)
+            except TimeoutError as e:
+                raise AgentLost(f"the agent said nothing for {silence_s:g} s") from e
+            pending = None
+            if not line:
+                raise AgentLost("the agent closed the connection before it answered")
+            doc = _parse(line)
+            if "progress" in doc:
+                if progress is not None:
+                    progress(doc["progress"])
+            elif "ask" in doc:
+                ask = doc["ask"]
+                # Read on while the technician is asked: if the agent gives up waiting, its
+                # final word must end the prompt, not wait behind it.
+                pending = asyncio.ensure_future(reader.readline())
+                asking = asyncio.ensure_future(answer(str(ask.get("what")), str(ask.get("prompt")))
+                                               if answer is not None else _none())
+                await asyncio.wait({pending, asking}, return_when=asyncio.FIRST_COMPLETED)
+                if asking.done():
+                    reply = asking.result()
                     writer.write(json.dumps({"answer": reply}).encode() + b"\n")
                     await writer.drain()
                 else:
-                    return doc
+                    asking.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asking
+            else:
+                return doc
+    except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as e:
+        raise AgentLost(f"the agent's answer could not be read ({type(e).__name__})") from e
+    except ConnectionError as e:
+        raise AgentLost(f"the connection to the agent broke ({type(e).__name__})") from e
     finally:
+        if pending is not None:
+            pending.cancel()
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+async def _none() -> None:
+    return None
 
 
 def login_name() -> str:

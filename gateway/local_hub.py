@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +35,32 @@ from gateway.timebase import hub_clock_plausible, hub_clock_synced
 log = logging.getLogger(__name__)
 
 SNAPSHOT_FILE = "status.json"
+# Held (flock) by a running agent: a CLI that cannot reach its socket must not open the radio
+# beside it (two owners of one adapter is what makes BlueZ answer "in progress").
+AGENT_LOCK_FILE = "agent.lock"
+
+
+def hold_agent_lock(data_dir: Path) -> int | None:
+    """Take the agent's lock; the fd to keep open, or None (another agent has it, or no dir)."""
+    try:
+        fd = os.open(data_dir / AGENT_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def agent_running(data_dir: Path) -> bool:
+    """Whether an agent holds its lock in `data_dir`."""
+    fd = hold_agent_lock(data_dir)
+    if fd is None:
+        return (data_dir / AGENT_LOCK_FILE).exists()
+    os.close(fd)
+    return False
 
 
 class LocalHub:
@@ -68,6 +96,11 @@ class LocalHub:
         """Open the configured radio and start listening (once per command)."""
         if self._radio is None:
             self.cfg.hub.data_dir.mkdir(parents=True, exist_ok=True)
+            if agent_running(self.cfg.hub.data_dir):
+                raise OpError(f"an agent is running but does not answer on its control socket "
+                              f"{self.cfg.hub.control_socket}; check `journalctl -u rpm-gateway` "
+                              "(the socket's directory, permissions), or run this as a member of "
+                              "the service's group", 69)
             try:
                 self._radio = await self._stack.enter_async_context(
                     open_radio(self.cfg.radio, self.cfg.hub.zone))

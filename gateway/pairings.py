@@ -43,6 +43,10 @@ class RegistryError(Exception):
     """The registry could not be written; the message says where and why."""
 
 
+class _Unreadable(Exception):
+    """The file exists and could not be read (EIO, EACCES): its contents are unknown."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RegistryEntry:
     """A binding made with `pair`, and who made it when."""
@@ -119,10 +123,17 @@ class PairingRegistry:
         return self._stat() != self._identity
 
     def load(self) -> None:
-        """(Re)read the file."""
-        self._identity = self._stat()
-        self._entries, self._first_seen, self._events, self.problem = self._read()
-        if self._identity is None and self._legacy is not None:
+        """(Re)read the file; on a read error the last good state is kept and retried later."""
+        identity = self._stat()
+        try:
+            self._entries, self._first_seen, self._events, self.problem = self._read()
+        except _Unreadable as e:
+            # Not "empty": an empty registry written back would forget every binding.
+            self.problem = str(e)
+            self._identity = None  # looked at again at the next refresh
+            return
+        self._identity = identity
+        if identity is None and self._legacy is not None:
             self._import_legacy(self._legacy)
 
     def _read(self) -> tuple[dict[str, RegistryEntry], dict[str, dt.date],
@@ -134,8 +145,11 @@ class PairingRegistry:
         except OSError as e:
             # Not moved aside: the file may be fine and the error passing (EIO, EACCES).
             problem = f"cannot read {self.path}: {(e.strerror or type(e).__name__).lower()}"
-            log.error("pairing registry: %s; only the config's devices are read", problem)
-            return {}, {}, [], problem
+            # Retried every second by the agent: said once per streak, not once a second.
+            (log.debug if self.problem == problem else log.error)(
+                "pairing registry: %s; the bindings read before are kept, nothing is written "
+                "until it can be read", problem)
+            raise _Unreadable(problem) from e
         try:
             doc = json.loads(text)
             entries = {}
@@ -174,9 +188,12 @@ class PairingRegistry:
 
     def bind(self, binding: DeviceBinding, *, by: str | None = None,
              now: dt.datetime | None = None,
-             device: Mapping[str, str | int | float | None] | None = None) -> RegistryEntry:
+             device: Mapping[str, str | int | float | None] | None = None,
+             check: Callable[[RegistryEntry | None], None] | None = None) -> RegistryEntry:
         """Add or replace the binding of `binding.address`; on disk when this returns.
 
+        `check` is given the binding on disk, under the lock, and may raise to refuse (two
+        technicians pairing one device at once: the second sees the first's binding).
         Journals a `device_paired` event, or `device_rebound` when the device was bound to
         another patient, for the agent to publish.
         """
@@ -185,6 +202,8 @@ class PairingRegistry:
 
         def change(state: _State) -> None:
             old = state.entries.get(binding.address)
+            if check is not None:
+                check(old)
             state.entries[binding.address] = entry
             if old is not None and old.binding.patient_id != binding.patient_id:
                 state.events.append({"name": "device_rebound", "at": at, "detail": {
@@ -227,6 +246,10 @@ class PairingRegistry:
             state.events.append(event)
 
         self._update(change)
+
+    def has_events(self) -> bool:
+        """Whether journalled events wait (as last read)."""
+        return bool(self._events)
 
     def take_events(self) -> list[dict[str, object]]:
         """The journalled events, removed from the file (the caller publishes them now)."""
@@ -275,7 +298,8 @@ class PairingRegistry:
         """Re-read under the lock, apply `change`, write atomically; raises RegistryError."""
         try:
             with self._locked():
-                if self.changed_on_disk():
+                if self.changed_on_disk() or self.problem is not None:
+                    # _Unreadable propagates: never write over a file that could not be read.
                     entries, seen, events, problem = self._read()
                     if problem is None:
                         self._entries, self._events = entries, events
@@ -287,6 +311,8 @@ class PairingRegistry:
                 self._events = state.events
                 self._identity = self._stat()
                 self.problem = None
+        except _Unreadable as e:
+            raise RegistryError(str(e)) from e
         except OSError as e:
             raise RegistryError(
                 f"cannot write {self.path}: {(e.strerror or type(e).__name__).lower()}") from e
@@ -336,6 +362,15 @@ def write_atomically(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o640)
+        if os.geteuid() == 0:
+            # `sudo rpm-gateway pair` with no agent running must leave a file the service
+            # user still owns (else its next read fails): the old file's owner, or the
+            # directory's for a new one.
+            try:
+                owner = os.stat(path)
+            except FileNotFoundError:
+                owner = os.stat(directory)
+            os.chown(tmp, owner.st_uid, owner.st_gid)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -26,6 +26,7 @@ from rich.text import Text
 from gateway import render, technician
 from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.control import (
+    AgentLost,
     AgentRefused,
     AgentUnreachable,
     Conversation,
@@ -37,6 +38,7 @@ from gateway.local_hub import LocalHub
 
 DEFAULT_CONFIG = Path("/etc/rpm-gateway/gateway.toml")
 EX_NOPERM = 77
+EX_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 COMMANDS = ("scan", "pair", "unpair", "devices", "status", "unattributed", "assign")
 
 _VIRTUAL_TOML = """
@@ -66,6 +68,7 @@ interval_s = 1.3
 [[radio.simulated]]
 profile = "blood_pressure"
 address = "C0:00:00:00:BC:99"
+name = "Neighbour Cuff"
 interval_s = 1.1
 """
 
@@ -166,15 +169,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         doc = asyncio.run(_perform(cfg, socket, args.command, _op_args(args), ui))
     except AgentRefused as e:
+        doc = {"ok": False, "error": str(e), "exit": EX_NOPERM}
+    except AgentLost as e:
+        # Never done again alone: the agent may have done it (a bond made, a binding written).
+        doc = {"ok": False, "exit": technician.EXIT_UNAVAILABLE,
+               "error": f"{e}; the agent may have stopped during the command: check "
+                        "`rpm-gateway status` and `rpm-gateway devices` before trying again"}
+    except KeyboardInterrupt:
         ui.stop()
-        print(f"rpm-gateway {args.command}: {e}", file=sys.stderr)
-        return EX_NOPERM
+        print(f"rpm-gateway {args.command}: interrupted", file=sys.stderr)
+        return EX_INTERRUPTED
     ui.stop()
-    if ui.via == "alone" and not args.json and args.command in ("scan", "pair", "unpair"):
-        print(f"(no agent answers on {socket}: this command used the radio itself)",
-              file=sys.stderr)
     if not doc.get("ok"):
         print(f"rpm-gateway {args.command}: {doc.get('error')}", file=sys.stderr)
+        if args.json:  # a script reads why on stdout too
+            print(json.dumps({"error": doc.get("error"), "exit": int(doc.get("exit") or 1)}))
         return int(doc.get("exit") or 1)
     result = doc.get("result")
     if args.json:
@@ -187,6 +196,9 @@ def run(args: argparse.Namespace) -> int:
 def _exit_code(command: str, result: Any) -> int:
     if command == "pair" and isinstance(result, Mapping) and not result.get("bound"):
         return int(result.get("exit") or technician.EXIT_NOT_DONE)
+    if command == "unpair" and isinstance(result, Mapping) and isinstance(
+            result.get("bond_removed"), str):
+        return technician.EXIT_NOT_DONE  # unbound, but bluetoothd still holds the bond
     return 0
 
 
@@ -199,6 +211,9 @@ async def _perform(cfg: GatewayConfig, socket: Path, op: str, op_args: dict[str,
     except AgentUnreachable:
         pass
     ui.via = "alone"
+    if not ui.json and op in ("scan", "pair", "unpair"):
+        print(f"(no agent answers on {socket}: this command uses the radio itself)",
+              file=sys.stderr, flush=True)
     async with LocalHub(cfg) as hub:
         conv = Conversation(_local_send(ui), _no_receive, login_name(), asker=ui.answer)
         try:
@@ -268,12 +283,32 @@ class _Ui:
         self.stop()
         if not sys.stdin.isatty():
             return None  # a script cannot type a PIN; the pairing is refused, not hung
-        return await asyncio.to_thread(input, f"{prompt}: ")
+        return await _read_line(f"{prompt}: ")
 
     def stop(self) -> None:
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+
+async def _read_line(prompt: str) -> str | None:
+    """One line from the terminal, cancellable (the agent may give up waiting first)."""
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str] = loop.create_future()
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        if not line.done():
+            line.set_result(sys.stdin.readline())
+
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    loop.add_reader(fd, readable)
+    try:
+        text = await line
+    finally:
+        loop.remove_reader(fd)
+    return text.rstrip("\n") if text else None
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -318,7 +353,8 @@ def _render_unpair(console: Console, result: Any, cfg: GatewayConfig) -> None:
         parts.append(f"binding to {result.get('patient')} removed")
     bond = result.get("bond_removed")
     parts.append("bond removed" if bond is True else "no bond held" if bond is False else str(bond))
-    console.print(Text(f"✓ {result['address']}: " + "; ".join(parts)))
+    mark = "!" if isinstance(bond, str) else "✓"
+    console.print(Text(f"{mark} {result['address']}: " + "; ".join(parts)))
 
 
 def _when(utc: object, cfg: GatewayConfig) -> str | None:
@@ -354,7 +390,7 @@ def _render_devices(console: Console, result: Any, cfg: GatewayConfig) -> None:
         t.add_row(r["address"], r["patient"] + (f" #{r['user_slot']}" if r.get("user_slot") else ""),
                   device, _when(r.get("last_reading"), cfg) or "none yet",
                   None if r.get("battery") is None else f"{r['battery']}%",
-                  None if drift is None else f"{drift:+.0f} s")
+                  None if drift is None else "0 s" if abs(drift) < 0.5 else f"{drift:+.0f} s")
     console.print(t)
     seen: set[str] = set()
     for r in rows:
@@ -386,7 +422,13 @@ def _render_status(console: Console, result: Any, cfg: GatewayConfig) -> None:
         if broker.get("last_error") and broker.get("state") != "connected":
             b += f"; last error: {broker['last_error']}"
         lines.append(("broker", b))
+    if "paired_devices" in doc:
+        lines.append(("paired", f"{doc['paired_devices']} device(s) (`rpm-gateway devices`)"))
+    if doc.get("pairing_registry"):
+        lines.append(("registry", str(doc["pairing_registry"])))
     out = doc.get("outbox") or {}
+    if not out and agent.startswith("not running"):
+        lines.append(("outbox", "no readings stored yet"))
     if out:
         oldest = out.get("oldest_pending")
         waiting = f"{out.get('pending', 0)} reading(s) waiting"

@@ -33,7 +33,7 @@ from gateway.ble.session import SessionContext
 from gateway.config import ADDRESS_RE, ID_RE, DeviceBinding, GatewayConfig
 from gateway.control import Conversation, OpError
 from gateway.outbox import AssignOutcome, Outbox
-from gateway.pairings import Pairings, RegistryError
+from gateway.pairings import Pairings, RegistryEntry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ HEALTH_VENDORS = {0x020E: "Omron", 0x0157: "Xiaomi", 0x0069: "A&D"}
 # How long `pair` listens for the device before saying it is not heard.
 FIND_TIMEOUT_S = 30.0
 CONNECT_ATTEMPTS = 3
+# How long the bond may take, a technician typing a device's PIN included.
+BOND_TIMEOUT_S = 60.0
 # A session under way with the device is waited for this long before `pair` gives up.
 BUSY_WAIT_S = 30.0
 
@@ -263,6 +265,8 @@ def _slot(value: object) -> int | None:
     if value is None:
         return None
     n = _number(value, "--user-slot", 1, 254)
+    if n != int(n):
+        raise OpError("--user-slot must be a whole number", EXIT_USAGE)
     return int(n)
 
 
@@ -336,7 +340,9 @@ async def pair(host: Host, args: Mapping[str, Any], conv: Conversation) -> dict[
     await report(Step("supported", True, f"{kind} ({driver.name})"))
     info = DeviceInfo()
     offset: float | None = None
+    # Held until the binding is written: no session of the agent's starts under the old one.
     async with host.exclusive(address):
+        _check_request(host, address, patient, slot, force)  # again: it may have changed
         client = await _connect(radio, device, host.cfg)
         if isinstance(client, Exception):
             await report(Step("connected", False, _short(client), advice_find))
@@ -351,31 +357,40 @@ async def pair(host: Host, args: Mapping[str, Any], conv: Conversation) -> dict[
             with contextlib.suppress(BleakError, TimeoutError, OSError):
                 async with asyncio.timeout(host.cfg.radio.operation_timeout_s):
                     await client.disconnect()
-    registry = host.pairings.registry
-    if registry is None:  # pragma: no cover - every host has one
-        raise OpError("no pairing registry", EXIT_CANTCREAT)
-    binding = DeviceBinding(address=address, patient_id=patient, user_index=slot,
-                            enrolled=host.local_now().date())
-    previous = host.pairings.bound(address)
-    if previous is not None and previous.source == "registry" and previous.binding.enrolled \
-            and previous.binding.patient_id == patient:
-        # Pairing again (a new bond, a reset device) does not restart the billing period.
-        binding = binding.model_copy(update={"enrolled": previous.binding.enrolled})
-    if previous is not None and previous.source == "config":
-        await report(Step("bound", True, f"to {patient} (provisioned in the config file)"))
-        return result(bound=True)
-    try:
-        registry.bind(binding, by=conv.by, device={
+        registry = host.pairings.registry
+        if registry is None:  # pragma: no cover - every host has one
+            raise OpError("no pairing registry", EXIT_CANTCREAT)
+        previous = host.pairings.bound(address)
+        if previous is not None and previous.source == "config":
+            await report(Step("bound", True, f"to {patient} (provisioned in the config file)"))
+            return result(bound=True)
+        binding = DeviceBinding(address=address, patient_id=patient, user_index=slot,
+                                enrolled=host.local_now().date())
+        if previous is not None and previous.binding.enrolled \
+                and previous.binding.patient_id == patient:
+            # Pairing again (a new bond, a reset device) does not restart the billing period.
+            binding = binding.model_copy(update={"enrolled": previous.binding.enrolled})
+
+        def still_free(current: RegistryEntry | None) -> None:
+            if current is not None and current.binding.patient_id != patient and not force:
+                raise OpError(f"{address} was bound to patient {current.binding.patient_id} "
+                              "meanwhile; run again with --force to move it", EXIT_DATAERR)
+
+        details: dict[str, str | int | float | None] = {
             "manufacturer": info.manufacturer, "model": info.model, "serial": info.serial,
             "firmware": info.firmware, "kind": kind, "driver": driver.name, "name": name,
             "battery_level": info.battery_level,
-            "clock_offset_s": None if offset is None else round(offset, 1)})
-    except RegistryError as e:
-        await report(Step("bound", False, str(e), "free space on the hub's disk or check "
-                          "the state directory's owner (the service user)"))
-        return result(bound=False) | {"exit": EXIT_CANTCREAT}
-    host.pairings.reloaded()
-    host.pairings_changed()
+            "clock_offset_s": None if offset is None else round(offset, 1)}
+        try:
+            # In a thread: the lock and the fsyncs must not stall the agent's event loop.
+            await asyncio.to_thread(registry.bind, binding, by=conv.by, device=details,
+                                    check=still_free)
+        except RegistryError as e:
+            await report(Step("bound", False, str(e), "free space on the hub's disk or check "
+                              "the state directory's owner (the service user)"))
+            return result(bound=False) | {"exit": EXIT_CANTCREAT}
+        host.pairings.reloaded()
+        host.pairings_changed()
     moved = previous is not None and previous.binding.patient_id != patient
     detail = f"to {patient}" + (f", user slot {slot}" if slot is not None else "") + (
         f" (was {previous.binding.patient_id})" if moved and previous is not None else "")
@@ -409,7 +424,7 @@ async def _bond(client: BleakClient, conv: Conversation,
 
     with prompts.pairing_prompts(passkey, shown.append):
         try:
-            async with asyncio.timeout(60):
+            async with asyncio.timeout(BOND_TIMEOUT_S):
                 await client.pair()
         except (BleakError, TimeoutError, OSError) as e:
             await report(Step(
@@ -509,7 +524,7 @@ async def unpair(host: Host, args: Mapping[str, Any], conv: Conversation) -> dic
     async with host.exclusive(address):
         if bound is not None and registry is not None:
             try:
-                registry.unbind(address, by=conv.by)
+                await asyncio.to_thread(registry.unbind, address, by=conv.by)
             except RegistryError as e:
                 raise OpError(str(e), EXIT_CANTCREAT) from e
             host.pairings.reloaded()
@@ -562,9 +577,9 @@ async def status(host: Host, args: Mapping[str, Any], conv: Conversation) -> dic
 async def unattributed(host: Host, args: Mapping[str, Any], conv: Conversation) -> list[dict[str, Any]]:
     """Readings kept because no binding maps their user slot, oldest first."""
     del conv
+    limit = int(_number(args.get("limit", 200), "--limit", 1, 1000))
     if host.outbox is None:
         return []
-    limit = int(_number(args.get("limit", 200), "--limit", 1, 10_000))
     return [_plain(r) for r in await host.outbox.unattributed(limit=limit)]
 
 
@@ -592,7 +607,7 @@ async def assign(host: Host, args: Mapping[str, Any], conv: Conversation) -> dic
         detail = {"reading_id": reading_id, "device": outcome.device_address,
                   "patient_id": patient, "by": conv.by}
         try:
-            registry.journal("reading_assigned", detail)
+            await asyncio.to_thread(registry.journal, "reading_assigned", detail)
         except RegistryError as e:
             log.warning("assign: the event could not be journalled (%s)", e)
     host.pairings_changed()

@@ -167,7 +167,8 @@ def test_config_check_json_ok_with_a_warning(tmp_path: Path) -> None:
     assert p.returncode == 0
     assert json.loads(p.stdout) == {"ok": True, "problems": [{
         "severity": "warning", "key": "devices",
-        "message": "no paired devices: nothing will be read (add a [[devices]] entry per device)"}]}
+        "message": "no paired devices: nothing will be read (pair one with "
+        "`rpm-gateway pair ADDRESS --patient ID`, or add a [[devices]] entry)"}]}
     assert not (tmp_path / "state").exists()
 
 

@@ -99,7 +99,7 @@ async def test_the_workflow_through_the_running_agent(
             assert seen[CUFF]["driver"] == "sig_blood_pressure"
             assert seen[SCALE]["driver"] == "sig_weight_scale"
             assert not seen[CUFF]["paired"] and seen[CUFF]["patient"] is None
-            assert "used the radio itself" not in err  # the agent did the scan
+            assert "uses the radio itself" not in err  # the agent did the scan
 
             # Nothing is read before pairing (default deny).
             await asyncio.sleep(1.5)
@@ -193,7 +193,7 @@ async def test_the_cli_works_alone_when_no_agent_runs(tmp_path: Path) -> None:
     code, out, err = await cli("pair", CUFF, "--patient", "patient-9", "--radio", "virtual",
                                "--config", none, env=env)
     assert code == 0, out + err
-    assert "used the radio itself" in err
+    assert "uses the radio itself" in err
     registry = json.loads((tmp_path / "state" / "pairings.json").read_text())
     assert [b["address"] for b in registry["bindings"]] == [CUFF]
     assert registry["events"][0]["name"] == "device_paired"  # published by the next agent
@@ -252,3 +252,41 @@ async def test_pairing_a_glucometer_style_device_asks_the_technician_for_its_pin
             assert await bluez.radio.has_bond(CUFF)
             assert agent.pairings.bound(CUFF).entry.paired_by.startswith("tech7")  # type: ignore[union-attr]
             assert any(p.get("step") == "bonded" and p.get("ok") for p in progress)
+
+
+async def test_two_technicians_pairing_one_device_at_once_bind_it_once(
+    tmp_path: Path, mosquitto: LocalBroker
+) -> None:
+    path = write_config(tmp_path, mosquitto)
+    cfg = parse_config(path.read_text())
+    cuff = demo_cuff(CUFF, readings=0, bonding_required=True, pairing_mode=True)
+    async with VirtualRadio() as radio:
+        await radio.add_peripheral(cuff)
+        async with tiers.running_agent(cfg, radio, "virtual") as (agent, _):
+            await until((tmp_path / "control.sock").exists, timeout=10)
+            a, b = await asyncio.gather(*(
+                control.call(tmp_path / "control.sock", "pair",
+                             {"address": CUFF, "patient": patient}, by=f"tech-{patient}")
+                for patient in ("patient-a", "patient-b")))
+            bound = agent.pairings.lookup(CUFF)
+    outcomes = sorted([a, b], key=lambda d: bool(d.get("ok")))
+    refused, done = outcomes
+    assert done["ok"] and done["result"]["bound"]
+    assert not refused["ok"] and refused["exit"] == 65 and "already bound" in refused["error"]
+    assert bound is not None and bound.patient_id == done["result"]["patient"]
+
+
+async def test_the_cli_never_opens_the_radio_beside_an_agent_it_cannot_reach(
+    tmp_path: Path, mosquitto: LocalBroker
+) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    path = write_config(tmp_path, mosquitto)
+    path.write_text(path.read_text().replace(
+        f'control_socket = "{tmp_path / "control.sock"}"',
+        f'control_socket = "{tmp_path / "not-a-dir" / "control.sock"}"'))
+    cfg = parse_config(path.read_text())
+    async with VirtualRadio() as radio, tiers.running_agent(cfg, radio, "virtual"):
+        await until((tmp_path / "state" / "agent.lock").exists, timeout=10)
+        code, _, err = await cli("scan", "--config", str(path), "--seconds", "1")
+    assert code == 69
+    assert "an agent is running but does not answer" in err

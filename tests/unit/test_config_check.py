@@ -249,7 +249,8 @@ def test_no_paired_devices_is_a_warning(tmp_path: Path) -> None:
     cfg = parse_config(f'[hub]\nid = "h"\ndata_dir = "{tmp_path}"\n')
     assert check_environment(cfg) == [Problem(
         "warning", "devices",
-        "no paired devices: nothing will be read (add a [[devices]] entry per device)")]
+        "no paired devices: nothing will be read (pair one with "
+        "`rpm-gateway pair ADDRESS --patient ID`, or add a [[devices]] entry)")]
 
 
 @pytest.mark.parametrize(

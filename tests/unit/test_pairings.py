@@ -133,3 +133,61 @@ def test_any_sequence_of_binds_and_unbinds_reads_back_the_same(ops: list[tuple[b
                 expected.pop(address, None)
         got = {a: e.binding.patient_id for a, e in PairingRegistry(path).entries().items()}
         assert got == expected
+
+
+def test_a_failed_read_keeps_the_bindings_and_never_writes_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    path = tmp_path / "pairings.json"
+    PairingRegistry(path).bind(_b(SCALE, "alice"))
+    before = path.read_bytes()
+    agent = PairingRegistry(path)
+    PairingRegistry(path).bind(_b(CUFF, "bob"))  # the file changes: the agent reads it again
+    real = Path.read_text
+
+    def eio(self: Path, *a: object, **kw: object) -> str:
+        if self == path:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", eio)
+    agent.load()
+    assert set(agent.entries()) == {SCALE}  # the last good state, not "nothing"
+    assert agent.problem is not None and "input/output error" in agent.problem
+    assert not agent.ensure([SCALE], dt.date(2026, 12, 2))  # not written over an unknown file
+    with pytest.raises(RegistryError, match="input/output error"):
+        agent.bind(_b("AA:BB:CC:DD:EE:03", "carol"))
+    monkeypatch.setattr(Path, "read_text", real)
+    assert path.read_bytes() != before  # bob's binding is still there, untouched
+    assert set(PairingRegistry(path).entries()) == {SCALE, CUFF}
+    assert agent.ensure([SCALE], dt.date(2026, 12, 2))  # readable again: written, merged
+    assert set(PairingRegistry(path).entries()) == {SCALE, CUFF}
+    assert PairingRegistry(path).first_seen(SCALE) == dt.date(2026, 12, 2)
+
+
+def test_a_bind_is_checked_against_the_file_under_the_lock(tmp_path: Path) -> None:
+    # Two technicians pair one device at once: the second sees the first's binding.
+    path = tmp_path / "pairings.json"
+    first, second = PairingRegistry(path), PairingRegistry(path)
+    first.bind(_b(CUFF, "patient-a"))
+
+    def free(current: object) -> None:
+        if current is not None:
+            raise ValueError("bound meanwhile")
+
+    with pytest.raises(ValueError, match="meanwhile"):
+        second.bind(_b(CUFF, "patient-b"), check=free)
+    assert PairingRegistry(path).entries()[CUFF].binding.patient_id == "patient-a"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_root_leaves_the_registry_owned_by_the_service_user(tmp_path: Path) -> None:
+    # `sudo rpm-gateway pair` while no agent runs: the agent (its own user) must read it after.
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    PairingRegistry(state / "pairings.json").bind(_b(CUFF))
+    st = (state / "pairings.json").stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
