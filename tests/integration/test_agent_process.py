@@ -102,7 +102,7 @@ async def test_run_delivers_and_stops_cleanly_on_sigterm(
         await readings.wait_for(4, timeout=30)
         # The retained status follows each session: the devices' outcome, an empty outbox.
         await status.wait_until(lambda m: any(
-            p.get("outbox", {}).get("pending") == 0
+            (p.get("outbox") or {}).get("pending") == 0
             and p.get("devices", {}).get("C0:00:00:00:BC:01", {}).get("sessions_ok", 0) >= 1
             and p["devices"]["C0:00:00:00:BC:01"]["battery_level"] == 64  # the cuff's script
             and p.get("radio") == "ok"
