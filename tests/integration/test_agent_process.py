@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.broker import LocalBroker
+from tests.integration.hub_toml import devices, hub_toml
 
 pytestmark = pytest.mark.integration
 
@@ -24,25 +25,9 @@ Subscribe = Callable[..., Awaitable[Any]]
 
 def write_config(tmp_path: Path, broker: LocalBroker, radio: str) -> Path:
     path = tmp_path / "gateway.toml"
-    path.write_text(f"""
-log_level = "info"
-[hub]
-id = "{HUB}"
-data_dir = "{tmp_path / 'state'}"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-{radio}
-[[devices]]
-address = "C0:00:00:00:5C:01"
-patient_id = "patient-1"
-[[devices]]
-address = "C0:00:00:00:BC:01"
-patient_id = "patient-1"
-""")
+    path.write_text(hub_toml(HUB, tmp_path / "state", broker, radio=radio, log_level="info",
+                             extra=devices(("C0:00:00:00:5C:01", "patient-1"),
+                                           ("C0:00:00:00:BC:01", "patient-1"))))
     return path
 
 

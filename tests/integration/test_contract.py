@@ -18,11 +18,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from jsonschema import Draft202012Validator
 
 from drivers.codec.blood_pressure import BloodPressureMeasurement
-from drivers.codec.date_time import DateTime
-from drivers.codec.ieee11073 import MedFloat
 from drivers.simulated.blood_pressure import demo_cuff
 from drivers.simulated.weight_scale import demo_scale
 from gateway.broker import LocalBroker
@@ -30,6 +27,9 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.sim.radio import VirtualRadio
 from tests.conftest import MqttSubscriber
 from tests.integration import tiers
+from tests.integration.hub_toml import FAST_RADIO, devices, hub_toml
+from tests.integration.test_pipeline import bp as pipeline_bp
+from tests.schemas import EVENT, READING, STATUS
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +42,9 @@ NEIGHBOUR = "C0:00:00:00:BC:99"
 Subscribe = Callable[..., Awaitable[MqttSubscriber]]
 
 
-def validator(name: str) -> Draft202012Validator:
-    schema = json.loads((ROOT / "schema" / name).read_text())
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
-SCHEMAS = {"readings": validator("reading-1.json"), "status": validator("status-1.json"),
-           "events": validator("event-1.json")}
+SCHEMAS = {"readings": READING, "status": STATUS, "events": EVENT}
 
 
 def by_topic(sub: MqttSubscriber) -> dict[str, list[dict[str, Any]]]:
@@ -78,38 +74,12 @@ def events(messages: dict[str, list[dict[str, Any]]]) -> set[str]:
 def bp(sys_: int, dia: int, mean: int, pulse: int, minutes_ago: int,
        user: int = 1) -> BloodPressureMeasurement:
     """A cuff reading stamped `minutes_ago` on a clock showing the patient's local time."""
-    taken = dt.datetime.now(ZoneInfo(ZONE)).replace(tzinfo=None, microsecond=0)
-    taken -= dt.timedelta(minutes=minutes_ago)
-    return BloodPressureMeasurement(
-        kpa=False, systolic=MedFloat.of(sys_), diastolic=MedFloat.of(dia),
-        mean_arterial=MedFloat.of(mean), timestamp=DateTime.from_datetime(taken),
-        pulse_rate=MedFloat.of(pulse), user_id=user, status=0)
+    return pipeline_bp(sys_, dia, mean, pulse, minutes_ago, user=user, zone=ZoneInfo(ZONE))
 
 
 def config(tmp_path: Path, broker: LocalBroker) -> GatewayConfig:
-    return parse_config(f"""
-[hub]
-id = "{HUB}"
-timezone = "{ZONE}"
-data_dir = "{tmp_path}"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[radio]
-kind = "virtual"
-quiet_s = 0.5
-connect_timeout_s = 5
-[[devices]]
-address = "{CUFF}"
-patient_id = "patient-1"
-user_index = 1
-[[devices]]
-address = "{SCALE}"
-patient_id = "patient-1"
-""")
+    return parse_config(hub_toml(HUB, tmp_path, broker, zone=ZONE, extra=devices(
+        (CUFF, "patient-1", 1), (SCALE, "patient-1"))))
 
 
 async def test_every_message_of_a_running_agent_and_its_clean_stop_validates(
@@ -161,21 +131,8 @@ async def test_every_message_of_a_running_agent_and_its_clean_stop_validates(
 
 def process_config(tmp_path: Path, broker: LocalBroker) -> Path:
     path = tmp_path / "gateway.toml"
-    path.write_text(f"""
-log_level = "info"
-[hub]
-id = "{HUB}"
-timezone = "{ZONE}"
-data_dir = "{tmp_path / 'state'}"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[radio]
-kind = "virtual"
-quiet_s = 0.5
+    path.write_text(hub_toml(HUB, tmp_path / "state", broker, zone=ZONE, log_level="info",
+                             radio=FAST_RADIO + f"""
 [[radio.simulated]]
 profile = "weight_scale"
 address = "{SCALE}"
@@ -188,13 +145,7 @@ address = "{CUFF}"
 readings = 2
 interval_s = 0.4
 bonding_required = true
-[[devices]]
-address = "{SCALE}"
-patient_id = "patient-1"
-[[devices]]
-address = "{CUFF}"
-patient_id = "patient-1"
-""")
+""", extra=devices((SCALE, "patient-1"), (CUFF, "patient-1"))))
     return path
 
 

@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -23,6 +24,7 @@ from gateway.broker import LocalBroker
 from gateway.config import GatewayConfig, parse_config
 from gateway.sim.radio import VirtualRadio
 from tests.integration import tiers
+from tests.integration.hub_toml import devices, hub_toml
 
 pytestmark = pytest.mark.integration
 tier = tiers.parametrised()
@@ -37,36 +39,16 @@ Subscribe = Callable[..., Awaitable[Any]]
 
 def config(tmp_path: Path, broker: LocalBroker, cuff_slot: int | None = None) -> GatewayConfig:
     """Both paired devices bound to patient-1; fast timings so tests take seconds."""
-    slot = "" if cuff_slot is None else f"user_index = {cuff_slot}"
-    return parse_config(f"""
-[hub]
-id = "{HUB}"
-timezone = "UTC"
-data_dir = "{tmp_path}"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[radio]
-kind = "virtual"
-quiet_s = 0.5
-connect_timeout_s = 5
-[[devices]]
-address = "{CUFF}"
-patient_id = "patient-1"
-{slot}
-[[devices]]
-address = "{SCALE}"
-patient_id = "patient-1"
-""")
+    cuff = (CUFF, "patient-1") if cuff_slot is None else (CUFF, "patient-1", cuff_slot)
+    return parse_config(hub_toml(HUB, tmp_path, broker,
+                                 extra=devices(cuff, (SCALE, "patient-1"))))
 
 
 def bp(sys: int, dia: int, mean: int, pulse: int, minutes_ago: int, status: int = 0,
-       user: int = 1) -> BloodPressureMeasurement:
-    """A cuff reading stamped `minutes_ago` on the local clock."""
-    taken = dt.datetime.now().replace(microsecond=0) - dt.timedelta(minutes=minutes_ago)
+       user: int = 1, zone: ZoneInfo | None = None) -> BloodPressureMeasurement:
+    """A cuff reading stamped `minutes_ago` on a clock showing local time (in `zone`)."""
+    taken = dt.datetime.now(zone).replace(tzinfo=None, microsecond=0)
+    taken -= dt.timedelta(minutes=minutes_ago)
     return BloodPressureMeasurement(
         kpa=False, systolic=MedFloat.of(sys), diastolic=MedFloat.of(dia),
         mean_arterial=MedFloat.of(mean), timestamp=DateTime.from_datetime(taken),

@@ -23,6 +23,7 @@ from gateway.config import parse_config
 from gateway.sim.radio import VirtualRadio
 from gateway.sim.wiring import VirtualBleakRadio
 from tests.integration import tiers
+from tests.integration.hub_toml import hub_toml
 from tests.integration.test_pipeline import bp, until
 
 pytestmark = pytest.mark.integration
@@ -35,27 +36,11 @@ NEIGHBOUR = "C0:00:00:00:BC:99"
 Subscribe = Callable[..., Awaitable[Any]]
 
 
-def write_config(tmp_path: Path, broker: LocalBroker, devices: str = "") -> Path:
-    """A hub with nothing paired (unless `devices`), its control socket in tmp_path."""
+def write_config(tmp_path: Path, broker: LocalBroker) -> Path:
+    """A hub with nothing paired, its control socket in tmp_path."""
     path = tmp_path / "gateway.toml"
-    path.write_text(f"""
-[hub]
-id = "{HUB}"
-timezone = "UTC"
-data_dir = "{tmp_path / 'state'}"
-control_socket = "{tmp_path / 'control.sock'}"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[radio]
-kind = "virtual"
-quiet_s = 0.5
-connect_timeout_s = 5
-{devices}
-""")
+    path.write_text(hub_toml(HUB, tmp_path / "state", broker,
+                             control_socket=tmp_path / "control.sock"))
     return path
 
 

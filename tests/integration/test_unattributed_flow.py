@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jsonschema import Draft202012Validator
 
 from drivers.simulated.blood_pressure import demo_cuff
 from gateway.broker import LocalBroker
 from gateway.config import GatewayConfig, parse_config
 from gateway.sim.radio import VirtualRadio
 from tests.integration import tiers
+from tests.integration.hub_toml import devices, hub_toml
 from tests.integration.test_pipeline import bp, until
 from tests.integration.test_technician import cli
+from tests.schemas import EVENT, READING, errors
 
 pytestmark = pytest.mark.integration
 
@@ -41,17 +42,6 @@ BY_AGENT = f"{TECH} (as {ME})" if os.getuid() == 0 else ME
 Subscribe = Callable[..., Awaitable[Any]]
 
 
-def validator(name: str) -> Draft202012Validator:
-    schema = json.loads((ROOT / "schema" / name).read_text())
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
-
-
-READING, EVENT = validator("reading-1.json"), validator("event-1.json")
-
-
-def errors(v: Draft202012Validator, message: Any) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(message)]
 
 
 @pytest.fixture
@@ -67,27 +57,9 @@ def short_dir() -> Iterator[Path]:
 def write_config(tmp_path: Path, sock_dir: Path, broker: LocalBroker) -> tuple[Path, GatewayConfig]:
     """The cuff provisioned in the config for patient-1, user slot 1 only."""
     path = tmp_path / "gateway.toml"
-    path.write_text(f"""
-[hub]
-id = "{HUB}"
-timezone = "UTC"
-data_dir = "{tmp_path / 'state'}"
-control_socket = "{sock_dir / 'control.sock'}"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[radio]
-kind = "virtual"
-quiet_s = 0.5
-connect_timeout_s = 5
-[[devices]]
-address = "{CUFF}"
-patient_id = "patient-1"
-user_index = 1
-""")
+    path.write_text(hub_toml(HUB, tmp_path / "state", broker,
+                             control_socket=sock_dir / "control.sock",
+                             extra=devices((CUFF, "patient-1", 1))))
     return path, parse_config(path.read_text())
 
 

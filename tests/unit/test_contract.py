@@ -32,6 +32,7 @@ from gateway.outbox import OutboxStats
 from gateway.status import HubStatus
 from gateway.uplink import Uplink
 from gateway.uplink_errors import ConnectError
+from tests.schemas import EVENT, READING, STATUS, errors
 
 ROOT = Path(__file__).resolve().parents[2]
 HUB = "hub-1"
@@ -41,17 +42,6 @@ BPM = bytes.fromhex("1E800052006100E907030E07340A4000010400")
 NEW_YORK = ZoneInfo("America/New_York")
 
 
-def validator(name: str) -> Draft202012Validator:
-    schema = json.loads((ROOT / "schema" / name).read_text())
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
-
-
-READING, STATUS, EVENT = (validator(n) for n in ("reading-1.json", "status-1.json", "event-1.json"))
-
-
-def errors(v: Draft202012Validator, message: Any) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(message)]
 
 
 def instants(message: Any, path: str = "") -> list[tuple[str, str]]:
