@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
-import json
 import logging
 import os
 import signal
@@ -34,11 +33,11 @@ from gateway.ble.session import SessionContext, run_session
 from gateway.config import DeviceBinding, GatewayConfig
 from gateway.control import ControlServer, OpError
 from gateway.days import current_days
+from gateway.hub_state import hold_agent_lock, write_snapshot
 from gateway.intake import belongs_to, build_reading, commit
-from gateway.local_hub import SNAPSHOT_FILE, hold_agent_lock
 from gateway.lograte import StateLog
 from gateway.outbox import Outbox, OutboxError, PutResult
-from gateway.pairings import RegistryError, open_pairings, write_atomically
+from gateway.pairings import RegistryError, open_pairings
 from gateway.status import HubStatus
 from gateway.technician import BUSY_WAIT_S, EXIT_TEMPFAIL
 from gateway.timebase import hub_clock_plausible, hub_clock_synced
@@ -810,9 +809,8 @@ class Agent:
         doc = self._status_dict()
         if self.uplink is not None:
             doc["broker"] = self.uplink.broker_status()
-        text = json.dumps(doc, indent=1, default=str) + "\n"
         try:
-            await asyncio.to_thread(write_atomically, self.cfg.hub.data_dir / SNAPSHOT_FILE, text)
+            await asyncio.to_thread(write_snapshot, self.cfg.hub.data_dir, doc)
         except OSError as e:
             log.debug("status snapshot not saved: %s", e)
 

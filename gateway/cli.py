@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from gateway import __version__
+from gateway import __version__, tech_args
 from gateway.config import ConfigError, GatewayConfig, load_config
 
 # sysexits.h: the codes systemd and shell scripts understand.
@@ -23,8 +23,7 @@ EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_CONFIG = 78
 
-DEFAULT_CONFIG = Path("/etc/rpm-gateway/gateway.toml")
-TECH_COMMANDS = ("scan", "pair", "unpair", "devices", "status", "unattributed", "assign")
+DEFAULT_CONFIG = tech_args.DEFAULT_CONFIG
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,9 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                          add_help=False)
     sim.add_argument("simulate_args", nargs=argparse.REMAINDER)
 
-    from gateway import tech_cli  # noqa: PLC0415
-
-    tech_cli.add_commands(sub)
+    tech_args.add_commands(sub)
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -239,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return simulate_main(argv[1:])
     args = _parser().parse_args(argv)
     handlers = {"decode": _cmd_decode, "run": _cmd_run, "demo": _cmd_demo, "config": _cmd_config,
-                "simulate": _cmd_simulate, **dict.fromkeys(TECH_COMMANDS, _cmd_technician)}
+                "simulate": _cmd_simulate, **dict.fromkeys(tech_args.COMMANDS, _cmd_technician)}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

@@ -10,12 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
-import json
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -28,40 +24,12 @@ from gateway.ble.radio import Radio, open_radio
 from gateway.config import GatewayConfig
 from gateway.control import OpError
 from gateway.days import current_days
+from gateway.hub_state import agent_running, read_snapshot
 from gateway.outbox import Outbox, OutboxError
 from gateway.pairings import open_pairings
 from gateway.timebase import hub_clock_plausible, hub_clock_synced
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT_FILE = "status.json"
-# Held (flock) by a running agent: a CLI that cannot reach its socket must not open the radio
-# beside it (two owners of one adapter is what makes BlueZ answer "in progress").
-AGENT_LOCK_FILE = "agent.lock"
-
-
-def hold_agent_lock(data_dir: Path) -> int | None:
-    """Take the agent's lock; the fd to keep open, or None (another agent has it, or no dir)."""
-    try:
-        fd = os.open(data_dir / AGENT_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def agent_running(data_dir: Path) -> bool:
-    """Whether an agent holds its lock in `data_dir`."""
-    fd = hold_agent_lock(data_dir)
-    if fd is None:
-        return (data_dir / AGENT_LOCK_FILE).exists()
-    os.close(fd)
-    return False
-
 
 class LocalHub:
     """gateway.technician.Host for a CLI working alone (async with)."""
@@ -197,12 +165,3 @@ class LocalHub:
         if isinstance(broker, dict):
             doc["broker"] = {**broker, "state": "unknown (agent not running)"}
         return doc
-
-
-def read_snapshot(data_dir: Path) -> dict[str, Any]:
-    """The agent's last saved status ({} if none or unreadable)."""
-    with contextlib.suppress(OSError, ValueError):
-        doc = json.loads((data_dir / SNAPSHOT_FILE).read_text(encoding="utf-8"))
-        if isinstance(doc, dict):
-            return doc
-    return {}

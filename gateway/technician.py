@@ -34,6 +34,7 @@ from gateway.config import ADDRESS_RE, ID_RE, DeviceBinding, GatewayConfig
 from gateway.control import Conversation, OpError
 from gateway.outbox import AssignOutcome, Outbox
 from gateway.pairings import Pairings, RegistryEntry, RegistryError
+from gateway.tech_args import FIND_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ HEALTH_SERVICES = {0x1808: "glucose", 0x1809: "thermometer", 0x180D: "heart rate
                    0x1810: "blood pressure", 0x181B: "body composition", 0x181D: "weight scale",
                    0x1822: "pulse oximeter", 0x183A: "insulin delivery"}
 HEALTH_VENDORS = {0x020E: "Omron", 0x0157: "Xiaomi", 0x0069: "A&D"}
-# How long `pair` listens for the device before saying it is not heard.
-FIND_TIMEOUT_S = 30.0
 CONNECT_ATTEMPTS = 3
 # How long the bond may take, a technician typing a device's PIN included.
 BOND_TIMEOUT_S = 60.0

@@ -32,3 +32,16 @@ def test_the_agent_and_the_virtual_radio_load_without_dbus_fast() -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, f"needs dbus-fast at import: {p.stdout}{p.stderr[-500:]}"
+
+
+def test_the_agent_start_loads_no_terminal_library_or_cli_host() -> None:
+    # `rpm-gateway run` (what systemd starts on a Pi Zero) builds the whole parser, technician
+    # commands included: their tables and the CLI's own radio host load only when used.
+    code = (
+        "import sys, gateway.cli; gateway.cli._parser(); import gateway.agent;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'rich'"
+        " or m in ('gateway.tech_cli', 'gateway.local_hub', 'gateway.render', 'gateway.demo'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, f"the agent's start pulled in: {p.stdout}{p.stderr[-500:]}"
