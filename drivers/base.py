@@ -101,6 +101,11 @@ class Driver(Protocol):
         """Driver version, carried in every payload."""
         ...
 
+    @property
+    def kind(self) -> str:
+        """The payload `kind` of its readings ('+'-joined for a device with several profiles)."""
+        ...
+
     def matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
         """True when this driver speaks to the advertised device."""
         ...

@@ -532,7 +532,7 @@ class Agent:
             entry.clock_offset_s = stats.clock.offset_s if stats.clock else None
             entry.clock_set = stats.clock.set_ok if stats.clock else None
             entry.battery_level = stats.info.battery_level
-            entry.kind = getattr(driver, "kind", None) or entry.kind
+            entry.kind = driver.kind
             entry.model = stats.info.model or entry.model
             entry.serial = stats.info.serial or entry.serial
             if any((stats.info.manufacturer, stats.info.model, stats.info.serial)):

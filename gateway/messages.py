@@ -437,28 +437,23 @@ def why_invalid(error: ValidationError) -> str:
 # -- schemas ------------------------------------------------------------------------------------
 
 
+def _schema_text(adapter: TypeAdapter[Any], url: str, title: str, description: str) -> str:
+    schema = adapter.json_schema(by_alias=True, mode="serialization")
+    return dump_schema({"$id": url, "title": title, "description": description, **schema})
+
+
 def status_json_schema() -> str:
     """The JSON Schema of the status topic, as checked into the repository."""
-    schema = STATUS.json_schema(by_alias=True, mode="serialization")
-    return dump_schema({
-        "$id": STATUS_SCHEMA_URL,
-        "title": "rpm-gateway status",
-        "description": "The retained message on `<prefix>/<hub_id>/status`: online (the hub's "
-                       "health) or offline (a clean stop, or the last will); `state` tells which.",
-        **schema,
-    })
+    return _schema_text(STATUS, STATUS_SCHEMA_URL, "rpm-gateway status",
+                        "The retained message on `<prefix>/<hub_id>/status`: online (the hub's "
+                        "health) or offline (a clean stop, or the last will); `state` tells which.")
 
 
 def event_json_schema() -> str:
     """The JSON Schema of the events topic, as checked into the repository."""
-    schema = EVENT.json_schema(by_alias=True, mode="serialization")
-    return dump_schema({
-        "$id": EVENT_SCHEMA_URL,
-        "title": "rpm-gateway event",
-        "description": "One message on `<prefix>/<hub_id>/events` (QoS 1, best effort); `event` "
-                       "names it and decides the shape of `detail`.",
-        **schema,
-    })
+    return _schema_text(EVENT, EVENT_SCHEMA_URL, "rpm-gateway event",
+                        "One message on `<prefix>/<hub_id>/events` (QoS 1, best effort); `event` "
+                        "names it and decides the shape of `detail`.")
 
 
 def schemas() -> dict[str, str]:

@@ -151,7 +151,7 @@ def _recognise(seen: Seen, device: BLEDevice, adv: AdvertisementData) -> None:
     if found:
         driver = found[0] if len(found) == 1 else drivers.combine(found)
         seen.driver = driver.name
-        seen.kind = _kind_of(driver)
+        seen.kind = driver.kind
     words = []
     for u in adv.service_uuids:
         short = uuid16(u)
@@ -162,11 +162,6 @@ def _recognise(seen: Seen, device: BLEDevice, adv: AdvertisementData) -> None:
             words.append(f"{HEALTH_VENDORS[company]} data")
     seen.services = sorted(set(words))
     seen.interesting = seen.driver is not None or bool(words)
-
-
-def _kind_of(driver: Driver) -> str | None:
-    kind = getattr(driver, "kind", None)
-    return kind if isinstance(kind, str) else None
 
 
 async def _bonds(radio: Radio) -> set[str]:
@@ -334,8 +329,8 @@ async def pair(host: Host, args: Mapping[str, Any], conv: Conversation) -> dict[
                           "shows what it advertises"))
         return result(bound=False)
     driver = matched[0] if len(matched) == 1 else drivers.combine(matched)
-    kind = _kind_of(driver)
-    advice_find = _ADVICE_FIND.get(kind or "", _ADVICE_FIND_ANY)
+    kind = driver.kind
+    advice_find = _ADVICE_FIND.get(kind, _ADVICE_FIND_ANY)
     await report(Step("supported", True, f"{kind} ({driver.name})"))
     info = DeviceInfo()
     offset: float | None = None
