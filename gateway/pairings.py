@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,8 @@ FILENAME = "pairings.json"
 # Written by the release before the registry held them; read once, never written again.
 LEGACY_ENROLMENT_FILE = "enrolment.json"
 VERSION = 1
+# A change waits this long for another process's change to the file to finish.
+LOCK_TIMEOUT_S = 5.0
 
 Source = Literal["config", "registry"]
 
@@ -43,8 +46,8 @@ class RegistryError(Exception):
     """The registry could not be written; the message says where and why."""
 
 
-class _Unreadable(Exception):
-    """The file exists and could not be read (EIO, EACCES): its contents are unknown."""
+class _Unavailable(Exception):
+    """The file cannot be used now: unreadable (EIO, EACCES: contents unknown) or locked."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +130,7 @@ class PairingRegistry:
         identity = self._stat()
         try:
             self._entries, self._first_seen, self._events, self.problem = self._read()
-        except _Unreadable as e:
+        except _Unavailable as e:
             # Not "empty": an empty registry written back would forget every binding.
             self.problem = str(e)
             self._identity = None  # looked at again at the next refresh
@@ -149,7 +152,7 @@ class PairingRegistry:
             (log.debug if self.problem == problem else log.error)(
                 "pairing registry: %s; the bindings read before are kept, nothing is written "
                 "until it can be read", problem)
-            raise _Unreadable(problem) from e
+            raise _Unavailable(problem) from e
         try:
             doc = json.loads(text)
             entries = {}
@@ -299,7 +302,7 @@ class PairingRegistry:
         try:
             with self._locked():
                 if self.changed_on_disk() or self.problem is not None:
-                    # _Unreadable propagates: never write over a file that could not be read.
+                    # _Unavailable propagates: never write over a file that could not be read.
                     entries, seen, events, problem = self._read()
                     if problem is None:
                         self._entries, self._events = entries, events
@@ -311,7 +314,7 @@ class PairingRegistry:
                 self._events = state.events
                 self._identity = self._stat()
                 self.problem = None
-        except _Unreadable as e:
+        except _Unavailable as e:
             raise RegistryError(str(e)) from e
         except OSError as e:
             raise RegistryError(
@@ -322,7 +325,18 @@ class PairingRegistry:
         lock_path = self.path.with_name("." + self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o660)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            # Bounded: a process that holds the lock and hangs (stopped with Ctrl-Z) must cost
+            # one refused change, not a pairing that never answers.
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError as e:
+                    if time.monotonic() >= deadline:
+                        raise _Unavailable(f"{self.path} is locked by another process (held over "
+                                          f"{LOCK_TIMEOUT_S:g} s); try again") from e
+                    time.sleep(0.05)
             yield
         finally:
             os.close(fd)  # closing releases the lock

@@ -191,3 +191,28 @@ def test_root_leaves_the_registry_owned_by_the_service_user(tmp_path: Path) -> N
     PairingRegistry(state / "pairings.json").bind(_b(CUFF))
     st = (state / "pairings.json").stat()
     assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+
+def test_a_registry_locked_by_a_stuck_process_refuses_the_change_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import time
+
+    import gateway.pairings as pairings_module
+
+    monkeypatch.setattr(pairings_module, "LOCK_TIMEOUT_S", 0.3)
+    path = tmp_path / "pairings.json"
+    reg = PairingRegistry(path)
+    reg.bind(_b(SCALE))
+    fd = os.open(tmp_path / ".pairings.json.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process holds it and hangs
+    try:
+        started = time.monotonic()
+        with pytest.raises(RegistryError, match="locked by another process"):
+            reg.bind(_b(CUFF))
+        assert time.monotonic() - started < 2
+    finally:
+        os.close(fd)
+    reg.bind(_b(CUFF))  # released: the change goes through
+    assert set(PairingRegistry(path).entries()) == {SCALE, CUFF}
