@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,21 @@ INSTALL_MOSQUITTO = (
     "Install it: `sudo apt-get install mosquitto` (Debian/Ubuntu/Raspberry Pi OS) or "
     "`brew install mosquitto` (macOS). CI installs it; the tests do not skip without it."
 )
+
+
+class Clock:
+    """A settable clock for the outbox's age-based policies (retention, pending age)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def small(**kw: object) -> OutboxConfig:
+    """An outbox config without the production floors (ge=100, ge=31): a handful of rows do."""
+    return OutboxConfig.model_construct(**{**OutboxConfig().model_dump(), **kw})
 
 
 def make_item(

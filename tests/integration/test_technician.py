@@ -19,11 +19,13 @@ from drivers.simulated.blood_pressure import demo_cuff
 from drivers.simulated.weight_scale import demo_scale, demo_weight_readings
 from gateway import control
 from gateway.broker import LocalBroker
-from gateway.config import parse_config
+from gateway.config import DeviceBinding, parse_config
+from gateway.pairings import PairingRegistry
 from gateway.sim.radio import VirtualRadio
 from gateway.sim.wiring import VirtualBleakRadio
 from tests.integration import tiers
-from tests.integration.hub_toml import hub_toml
+from tests.integration.hub_toml import FAST_RADIO, hub_toml
+from tests.integration.test_agent_faults import fill, small_filesystem
 from tests.integration.test_pipeline import bp, until
 
 pytestmark = pytest.mark.integration
@@ -275,3 +277,57 @@ async def test_the_cli_never_opens_the_radio_beside_an_agent_it_cannot_reach(
         code, _, err = await cli("scan", "--config", str(path), "--seconds", "1")
     assert code == 69
     assert "an agent is running but does not answer" in err
+
+
+async def test_a_device_unpaired_during_its_session_files_nothing_under_the_patient(
+    tmp_path: Path, mosquitto: LocalBroker, mqtt_subscriber: Subscribe
+) -> None:
+    # The binding goes (another process edits the registry) while the cuff is connected and
+    # still measuring: its next reading is kept, unattributed, never the old patient's.
+    readings = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/readings")
+    state = tmp_path / "state"
+    radio_toml = FAST_RADIO.replace("quiet_s = 0.5", "quiet_s = 8")  # the hub stays connected
+    cfg = parse_config(hub_toml(HUB, state, mosquitto, radio=radio_toml,
+                                control_socket=tmp_path / "control.sock"))
+    state.mkdir()
+    PairingRegistry(state / "pairings.json").bind(
+        DeviceBinding(address=CUFF, patient_id="patient-1"))
+    cuff = demo_cuff(CUFF, readings=[bp(128, 82, 97, 64, minutes_ago=2)], quiet_s=10)
+    async with VirtualRadio() as radio:
+        await radio.add_peripheral(cuff)
+        async with tiers.running_agent(cfg, radio, "virtual") as (agent, _):
+            await readings.wait_for(1, timeout=20)
+            assert CUFF in agent._active  # the session is still open
+            PairingRegistry(state / "pairings.json").unbind(CUFF)
+            await until(lambda: agent.pairings.lookup(CUFF) is None, timeout=5)
+            await cuff.measure(bp(150, 95, 113, 88, minutes_ago=0))
+            await until(lambda: agent.status.unattributed == 1, timeout=10)
+            await asyncio.sleep(1)
+    assert [r["patient_id"] for r in readings.payloads()] == ["patient-1"]
+
+
+async def test_pairing_on_a_full_disk_binds_nothing_and_says_so(
+    tmp_path: Path, mosquitto: LocalBroker
+) -> None:
+    with small_filesystem(tmp_path / "small", "4m") as state:
+        cfg = parse_config(hub_toml(HUB, state, mosquitto,
+                                    control_socket=tmp_path / "control.sock"))
+        cuff = demo_cuff(CUFF, readings=0, bonding_required=True, pairing_mode=True)
+        async with VirtualRadio() as radio:
+            await radio.add_peripheral(cuff)
+            async with tiers.running_agent(cfg, radio, "virtual") as (agent, _):
+                await until((tmp_path / "control.sock").exists, timeout=10)
+                filler = fill(state, leave_bytes=0)
+                doc = await control.call(tmp_path / "control.sock", "pair",
+                                         {"address": CUFF, "patient": "patient-1"})
+                assert doc["ok"] and not doc["result"]["bound"]
+                assert doc["result"]["exit"] == 73
+                bound = doc["result"]["steps"][-1]
+                assert bound["step"] == "bound" and bound["ok"] is False
+                assert "no space left" in bound["detail"] and bound["advice"]
+                assert agent.pairings.lookup(CUFF) is None  # default deny holds
+                filler.unlink()  # space again: the same command works
+                doc = await control.call(tmp_path / "control.sock", "pair",
+                                         {"address": CUFF, "patient": "patient-1"})
+                assert doc["ok"] and doc["result"]["bound"], doc
+                assert agent.pairings.lookup(CUFF) is not None

@@ -362,7 +362,12 @@ async def test_an_answer_that_is_not_json_or_not_text_gets_none(sock_path: Path)
                 writer.close()
 
 
-async def test_closing_the_server_while_a_handler_waits_for_an_answer(sock_path: Path) -> None:
+async def test_closing_the_server_while_a_handler_waits_for_an_answer(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The agent stops while a technician is asked for a PIN: the socket goes, the client is
+    # hung up on (not left hanging), and nothing is logged as an error (Python 3.11's server
+    # callback logs a cancelled connection task unless the conversation ends it itself).
     asked = asyncio.Event()
 
     async def ask(args: Mapping[str, Any], conv: Conversation) -> object:
@@ -380,28 +385,7 @@ async def test_closing_the_server_while_a_handler_waits_for_an_answer(sock_path:
     try:
         assert not exists(sock_path)
         async with asyncio.timeout(5):
-            assert await reader.read() == b""  # the agent hung up, it did not hang
-    finally:
-        writer.close()
-
-
-async def test_closing_the_server_with_a_client_connected_logs_no_error(
-    sock_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    asked = asyncio.Event()
-
-    async def ask(args: Mapping[str, Any], conv: Conversation) -> object:
-        del args
-        asked.set()
-        return await conv.ask("passkey", "PIN?")
-
-    async with serving(sock_path, {"ask": ask}):
-        _, writer = await asyncio.open_unix_connection(sock_path)
-        writer.write(b'{"op": "ask"}\n')
-        await writer.drain()
-        async with asyncio.timeout(5):
-            await asked.wait()
-    try:
+            assert await reader.read() == b""
         await asyncio.sleep(0.2)  # the loop's callbacks for the cancelled conversation run
     finally:
         writer.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,27 +18,11 @@ from gateway.outbox import (
     PutResult,
     SchemaVersionError,
 )
-from tests.conftest import make_item
-
-
-class Clock:
-    """A settable clock for age-based policies."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.conftest import Clock, make_item, small
 
 
 def _corrupt_copies(directory: Path) -> list[Path]:
     return [p for p in directory.iterdir() if p.name.startswith("o.db.corrupt-")]
-
-
-def small(**kw: object) -> OutboxConfig:
-    # model_construct skips the ge=100 / ge=31 floors meant for production configs, so the
-    # policies can be exercised with a handful of rows.
-    return OutboxConfig.model_construct(**{**OutboxConfig().model_dump(), **kw})
 
 
 async def test_pending_in_put_order_and_paged(outbox: Outbox) -> None:

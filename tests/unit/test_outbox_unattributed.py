@@ -23,22 +23,7 @@ from gateway.config import DeviceBinding, OutboxConfig
 from gateway.intake import build_reading, outbox_item
 from gateway.models import Reading
 from gateway.outbox import AssignOutcome, Outbox, OutboxItem, PutResult, StorageError
-from tests.conftest import make_item
-
-
-class Clock:
-    """A settable clock for the retention limit."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-def small(**kw: object) -> OutboxConfig:
-    # model_construct skips the production floors (ge=100, ge=31) so a handful of rows will do.
-    return OutboxConfig.model_construct(**{**OutboxConfig().model_dump(), **kw})
+from tests.conftest import Clock, make_item, small
 
 
 def guest(n: int, *, day: str = "2026-03-01", slot: int | None = 255) -> OutboxItem:

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,21 +14,7 @@ import pytest
 from gateway.config import OutboxConfig
 from gateway.outbox import SCHEMA_VERSION, Outbox, PutResult
 from gateway.outbox_schema import MIGRATIONS
-from tests.conftest import make_item
-
-
-class Clock:
-    """A settable clock."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-def small(**kw: object) -> OutboxConfig:
-    return OutboxConfig.model_construct(**{**OutboxConfig().model_dump(), **kw})
+from tests.conftest import Clock, make_item, small
 
 
 def _v1_file(path: Path, rows: int, *, deliver: int = 0, delete_last: int = 0) -> None:
