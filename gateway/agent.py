@@ -709,12 +709,8 @@ class Agent:
         """Each binding's entry in the status: whose it is, where it is bound, what it is."""
         for bound in self.pairings.all():
             entry = self.status.device(bound.binding.address)
-            entry.patient_id = bound.binding.patient_id
-            entry.source = bound.source
-            known = bound.entry.device if bound.entry is not None else {}
-            entry.kind = entry.kind or _text(known.get("kind"))
-            entry.model = entry.model or _text(known.get("model"))
-            entry.serial = entry.serial or _text(known.get("serial"))
+            for key, value in bound.fill(vars(entry)).items():
+                setattr(entry, key, value)
 
     def _publish_registry_events(self) -> None:
         """Publish the events `pair`, `unpair` and `assign` journalled (here or by a CLI alone)."""
@@ -903,10 +899,6 @@ class Agent:
     async def _days_with_data(self, outbox: Outbox) -> dict[str, dict[str, object]]:
         """Per patient: days with data in the current 30-day period (gateway.days)."""
         return await current_days(self.pairings, outbox, self._local_now().date())
-
-
-def _text(value: object) -> str | None:
-    return None if value is None else str(value)
 
 
 def _kind(reason: str | None) -> str | None:

@@ -142,16 +142,7 @@ class LocalHub:
                                "agent": "not running", "last_known_at": snapshot.get("at")}
         devices: dict[str, Any] = dict(snapshot.get("devices") or {})
         for bound in self.pairings.all():
-            entry = dict(devices.get(bound.binding.address) or {})
-            known = bound.entry.device if bound.entry is not None else {}
-            entry.update(patient_id=bound.binding.patient_id, source=bound.source)
-            for key in ("kind", "model", "serial"):
-                entry[key] = entry.get(key) or known.get(key)
-            # What `pair` measured, until the agent has connected itself.
-            for key, paired in (("battery_level", "battery_level"), ("clock_offset_s", "clock_offset_s")):
-                if entry.get(key) is None:
-                    entry[key] = known.get(paired)
-            devices[bound.binding.address] = entry
+            devices[bound.binding.address] = bound.fill(devices.get(bound.binding.address) or {})
         doc["devices"] = {a: devices[a] for a in sorted(devices) if self.pairings.bound(a)}
         doc["paired_devices"] = len(self.pairings)
         if self.pairings.registry is not None and self.pairings.registry.problem:

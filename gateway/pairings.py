@@ -40,6 +40,8 @@ VERSION = 1
 LOCK_TIMEOUT_S = 5.0
 
 Source = Literal["config", "registry"]
+# What a device's status shows from its pairing until a session of the agent's says better.
+FILLED_FROM_PAIRING = ("kind", "model", "serial", "battery_level", "clock_offset_s")
 
 
 class RegistryError(Exception):
@@ -90,6 +92,16 @@ class Bound:
     binding: DeviceBinding
     source: Source
     entry: RegistryEntry | None = None  # the registry's record, for a binding made with `pair`
+
+    def fill(self, status: Mapping[str, object]) -> dict[str, object]:
+        """A device's status entry with whose it is, and what `pair` learnt of the device where
+        no session has told yet (kind, model, serial; battery and clock drift at pairing)."""
+        known = self.entry.device if self.entry is not None else {}
+        out = {**status, "patient_id": self.binding.patient_id, "source": self.source}
+        for key in FILLED_FROM_PAIRING:
+            if out.get(key) is None:
+                out[key] = known.get(key)
+        return out
 
 
 class PairingRegistry:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -545,13 +546,11 @@ async def devices(host: Host, args: Mapping[str, Any], conv: Conversation) -> li
     rows = []
     for bound in host.pairings.all():
         b = bound.binding
-        entry = live.get(b.address) or {}
-        known: Mapping[str, Any] = bound.entry.device if bound.entry is not None else {}
+        entry = live.get(b.address) or {}  # filled from the pairing already (Bound.fill)
         rows.append({
             "address": b.address, "patient": b.patient_id, "user_slot": b.user_index,
-            "source": bound.source, "kind": entry.get("kind") or known.get("kind"),
-            "model": entry.get("model") or known.get("model"),
-            "serial": entry.get("serial") or known.get("serial"),
+            "source": bound.source, "kind": entry.get("kind"), "model": entry.get("model"),
+            "serial": entry.get("serial"),
             "last_reading": entry.get("last_reading"), "last_seen": entry.get("last_seen"),
             "battery": entry.get("battery_level"),
             "clock_drift_s": entry.get("clock_offset_s"), "last_error": entry.get("last_error"),
@@ -574,7 +573,7 @@ async def unattributed(host: Host, args: Mapping[str, Any], conv: Conversation) 
     limit = int(_number(args.get("limit", 200), "--limit", 1, 1000))
     if host.outbox is None:
         return []
-    return [_plain(r) for r in await host.outbox.unattributed(limit=limit)]
+    return [dataclasses.asdict(r) for r in await host.outbox.unattributed(limit=limit)]
 
 
 async def assign(host: Host, args: Mapping[str, Any], conv: Conversation) -> dict[str, Any]:
@@ -609,14 +608,6 @@ async def assign(host: Host, args: Mapping[str, Any], conv: Conversation) -> dic
     return {"reading_id": reading_id, "patient": patient, "assigned": True,
             "device": outcome.device_address, "kind": outcome.kind,
             "measured_at": outcome.measured_at, "assigned_at": outcome.assigned_at}
-
-
-def _plain(obj: object) -> dict[str, Any]:
-    import dataclasses  # noqa: PLC0415
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    return dict(obj) if isinstance(obj, Mapping) else {"value": repr(obj)}
 
 
 Operation = Callable[[Host, Mapping[str, Any], Conversation], Any]
