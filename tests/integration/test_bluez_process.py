@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import signal
 import sys
 import time
@@ -83,6 +84,7 @@ async def test_bluez_kill_9_of_the_agent_then_the_next_gets_what_was_never_confi
     # again until the next agent releases that stale link. Then it re-sends what it holds.
     ledger = tmp_path / "ledger.jsonl"
     readings = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/readings")
+    status = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/status")
     async with simulate_bluez("--devices", "cuff", "--stored", "20", "--readings", "0",
                               "--bonding", "--ledger", str(ledger)) as (sim, address):
         with use_as_system_bus(address):
@@ -107,7 +109,12 @@ async def test_bluez_kill_9_of_the_agent_then_the_next_gets_what_was_never_confi
                          if e["event"] == "confirmed" and abs(e["t"] - killed_at) < 1.0}
             async with agent(config) as second:
                 await readings.wait_until(lambda _: missing() <= in_window, timeout=40)
-                await asyncio.sleep(0.5)
+                # The readings may all be in already (the first agent delivered them): wait
+                # for this agent to scan, which it does only after releasing stale links.
+                await status.wait_until(lambda _: any(
+                    s.get("state") == "online" and s.get("radio") == "ok"
+                    and dt.datetime.fromisoformat(s["started_at"]).timestamp() > killed_at
+                    for s in status.payloads()), timeout=30)
                 code, log = await stop(second)
         assert code == 0, log
         await stop(sim)
