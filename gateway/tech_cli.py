@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.live import Live
 from rich.spinner import Spinner
+from rich.table import Table
 from rich.text import Text
 
 from gateway import render, technician
@@ -224,7 +225,12 @@ class _Ui:
         step = render.one_line(doc.get("step", ""), 20)
         self.console.print(Text(f"{mark} {step:<11} " + render.one_line(doc.get("detail", ""), 300)))
         if doc.get("advice") and ok is False:
-            self.console.print(Text(f"  → {doc['advice']}"))
+            # A grid keeps the advice's continuation lines under its first word.
+            advice = Table.grid(padding=(0, 1))
+            advice.add_column(width=3, justify="right")
+            advice.add_column()
+            advice.add_row("→", Text(str(doc["advice"])))
+            self.console.print(advice)
 
     async def answer(self, what: str, prompt: str) -> str | None:
         self.stop()
@@ -315,6 +321,13 @@ def _when(utc: object, cfg: GatewayConfig) -> str | None:
     return f"{render.local_time(utc, cfg.hub.zone)} ({render.age(ago, ago=True)})"
 
 
+def _drift_words(drift: float | None) -> str | None:
+    if drift is None:
+        return None
+    seconds = round(drift)  # rounds -0.5 to 0, and "0 s" is never signed
+    return "0 s" if seconds == 0 else f"{seconds:+d} s"
+
+
 def _days_words(days: object) -> str | None:
     return str(days.get("summary")) if isinstance(days, Mapping) else None
 
@@ -337,7 +350,7 @@ def _render_devices(console: Console, result: Any, cfg: GatewayConfig) -> None:
         t.add_row(r["address"], r["patient"] + (f" #{r['user_slot']}" if r.get("user_slot") else ""),
                   device, _when(r.get("last_reading"), cfg) or "none yet",
                   None if r.get("battery") is None else f"{r['battery']}%",
-                  None if drift is None else "0 s" if abs(drift) < 0.5 else f"{drift:+.0f} s")
+                  _drift_words(drift))
     console.print(t)
     seen: set[str] = set()
     for r in rows:
