@@ -91,6 +91,18 @@ def needs_pairing(err: BaseException) -> bool:
         "insufficient authentication", "insufficient encryption", "not paired"))
 
 
+def clock_offset_s(device_time: dt.datetime, step_s: float, before: dt.datetime,
+                   after: dt.datetime) -> float:
+    """Device clock minus hub clock, from a clock read sent at `before` and answered at `after`.
+
+    The device read its clock at some moment of the round trip and cut it to its step (1 s for
+    Date Time, 1/256 s for CTS): the best guess is the middle of both, else a clock just set
+    reads about half a second slow, and a technician sees "-1 s".
+    """
+    midpoint = before + (after - before) / 2
+    return (device_time - midpoint).total_seconds() + step_s / 2
+
+
 @dataclass(frozen=True)
 class StandardProfileDriver:
     """A SIG profile device: matched by its service UUID, read through indications.
@@ -154,13 +166,25 @@ class StandardProfileDriver:
 
     async def _read_clock(
         self, client: BleakClient, hooks: SessionHooks, *, use_cts: bool
-    ) -> dt.datetime | None:
-        """The device clock (CTS or Date Time); None if absent or unknown (year 0)."""
+    ) -> tuple[dt.datetime | None, float | None]:
+        """The device clock (CTS or Date Time) and its offset from the hub's local clock;
+        None, None if absent or unknown (year 0)."""
+        before = hooks.local_now()
         raw = await self._read(client, uuids.CURRENT_TIME if use_cts else uuids.DATE_TIME, hooks)
+        after = hooks.local_now()
         if raw is None:
-            return None
-        stamp = decode_current_time(raw).date_time if use_cts else decode_date_time(raw)
-        return stamp.to_datetime()
+            return None, None
+        if use_cts:
+            cts = decode_current_time(raw)
+            device_time, step_s = cts.date_time.to_datetime(), 0.0
+            if device_time is not None:
+                device_time += dt.timedelta(seconds=cts.fractions256 / 256)
+                step_s = 1 / 256
+        else:
+            device_time, step_s = decode_date_time(raw).to_datetime(), 1.0
+        if device_time is None:
+            return None, None
+        return device_time, clock_offset_s(device_time, step_s, before, after)
 
     async def _clock(self, client: BleakClient, hooks: SessionHooks) -> ClockCheck:
         device_time: dt.datetime | None = None
@@ -168,9 +192,7 @@ class StandardProfileDriver:
         has_cts = client.services.get_characteristic(uuids.full(uuids.CURRENT_TIME)) is not None
         has_dt = client.services.get_characteristic(uuids.full(uuids.DATE_TIME)) is not None
         try:
-            device_time = await self._read_clock(client, hooks, use_cts=has_cts)
-            if device_time is not None:
-                offset = (device_time - hooks.local_now()).total_seconds()
+            device_time, offset = await self._read_clock(client, hooks, use_cts=has_cts)
         except (BleakError, DecodeError) as e:
             log.debug("device clock unreadable: %s", e)
         set_ok = False
@@ -181,18 +203,18 @@ class StandardProfileDriver:
     async def _set_clock(self, client: BleakClient, hooks: SessionHooks, *, use_cts: bool) -> bool:
         now = hooks.local_now()
         uuid16 = uuids.CURRENT_TIME if use_cts else uuids.DATE_TIME
+        # Date Time holds whole seconds: the nearest one, not the one begun, so the device starts
+        # within half a second of the hub rather than up to a second behind.
         value = (encode_current_time(CurrentTime.from_datetime(now)) if use_cts
-                 else encode_date_time(DateTime.from_datetime(now)))
+                 else encode_date_time(DateTime.from_datetime(now + dt.timedelta(seconds=0.5))))
         try:
             async with asyncio.timeout(hooks.op_timeout_s):
                 await client.write_gatt_char(uuids.full(uuid16), value, response=True)
-            readback = await self._read_clock(client, hooks, use_cts=use_cts)
+            _, offset = await self._read_clock(client, hooks, use_cts=use_cts)
         except (BleakError, DecodeError) as e:
             log.info("device refused the clock write: %s", e)
             return False
-        if readback is None:
-            return False
-        return abs((readback - hooks.local_now()).total_seconds()) <= CLOCK_SET_TOLERANCE_S
+        return offset is not None and abs(offset) <= CLOCK_SET_TOLERANCE_S
 
     # -- measurements -----------------------------------------------------------------------
 
