@@ -114,6 +114,9 @@ class SimulatedDeviceConfig(_Section):
     interval_s: Annotated[float, Field(gt=0)] = 2.0
     bonding_required: bool = False
     clock_offset_s: float = 0.0
+    # Advertise from switch-on for this long even with nothing to send, as a device whose
+    # Bluetooth button the technician holds, so `scan` and `pair` find it before it measures.
+    pairing_mode_s: Annotated[float, Field(ge=0)] = 0.0
 
 
 class RadioConfig(_Section):

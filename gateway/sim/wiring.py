@@ -114,6 +114,21 @@ def simulated_device(spec: SimulatedDeviceConfig, zone: ZoneInfo = DEFAULT_ZONE)
 
 async def _measure_on_schedule(device: Any, spec: SimulatedDeviceConfig) -> None:
     _, readings = _PROFILES[spec.profile]
+    if spec.pairing_mode_s > 0:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_pairing_mode_for(device, spec.pairing_mode_s))
+            tg.create_task(_measure(device, spec, readings))
+    else:
+        await _measure(device, spec, readings)
+
+
+async def _pairing_mode_for(device: Any, seconds: float) -> None:
+    await device.set_pairing_mode(True)
+    await asyncio.sleep(seconds)
+    await device.set_pairing_mode(False)
+
+
+async def _measure(device: Any, spec: SimulatedDeviceConfig, readings: Any) -> None:
     for reading in readings(spec.readings):
         await asyncio.sleep(spec.interval_s)
         # Taken now and stamped by the device's own (possibly wrong) clock, as a real one does.

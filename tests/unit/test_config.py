@@ -21,6 +21,13 @@ def test_example_config_is_valid() -> None:
     assert [d.patient_id for d in cfg.devices] == ["patient-0001", "patient-0001"]
 
 
+def test_development_hub_config_is_valid() -> None:
+    # README's terminal session runs on it: the patient's devices in pairing mode, none paired.
+    cfg = load_config(ROOT / "config" / "virtual.toml")
+    assert cfg.radio.kind == "virtual" and cfg.devices == ()
+    assert [d.pairing_mode_s > 0 for d in cfg.radio.simulated] == [True, True, False]
+
+
 def test_defaults() -> None:
     cfg = parse_config(MINIMAL)
     assert cfg.mqtt.port == 1883
