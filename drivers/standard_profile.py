@@ -176,10 +176,12 @@ class StandardProfileDriver:
             return None, None
         if use_cts:
             cts = decode_current_time(raw)
-            device_time, step_s = cts.date_time.to_datetime(), 0.0
+            device_time = cts.date_time.to_datetime()
+            # Most devices keep whole seconds and send fractions 0; a device that keeps
+            # fractions sends 0 one time in 256, and is then taken for one that does not.
+            step_s = 1 / 256 if cts.fractions256 else 1.0
             if device_time is not None:
                 device_time += dt.timedelta(seconds=cts.fractions256 / 256)
-                step_s = 1 / 256
         else:
             device_time, step_s = decode_date_time(raw).to_datetime(), 1.0
         if device_time is None:
@@ -203,10 +205,12 @@ class StandardProfileDriver:
     async def _set_clock(self, client: BleakClient, hooks: SessionHooks, *, use_cts: bool) -> bool:
         now = hooks.local_now()
         uuid16 = uuids.CURRENT_TIME if use_cts else uuids.DATE_TIME
-        # Date Time holds whole seconds: the nearest one, not the one begun, so the device starts
-        # within half a second of the hub rather than up to a second behind.
-        value = (encode_current_time(CurrentTime.from_datetime(now)) if use_cts
-                 else encode_date_time(DateTime.from_datetime(now + dt.timedelta(seconds=0.5))))
+        # The nearest whole second, not the one begun, and no fractions: most devices drop the
+        # fractions, and would start up to a second behind the hub; this way every device
+        # starts within half a second of it.
+        nearest = (now + dt.timedelta(seconds=0.5)).replace(microsecond=0)
+        value = (encode_current_time(CurrentTime.from_datetime(nearest)) if use_cts
+                 else encode_date_time(DateTime.from_datetime(nearest)))
         try:
             async with asyncio.timeout(hooks.op_timeout_s):
                 await client.write_gatt_char(uuids.full(uuid16), value, response=True)

@@ -85,7 +85,10 @@ async def test_bluez_kill_9_of_the_agent_then_the_next_gets_what_was_never_confi
     ledger = tmp_path / "ledger.jsonl"
     readings = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/readings")
     status = await mqtt_subscriber(mosquitto, f"rpm/{HUB}/status")
-    async with simulate_bluez("--devices", "cuff", "--stored", "20", "--readings", "0",
+    # Enough stored records that the kill lands mid-session: with 20, a fast machine had them
+    # all confirmed and the link closed cleanly before the kill, and there was no stale link.
+    stored = 300
+    async with simulate_bluez("--devices", "cuff", "--stored", str(stored), "--readings", "0",
                               "--bonding", "--ledger", str(ledger)) as (sim, address):
         with use_as_system_bus(address):
             config = bluez_config(tmp_path, mosquitto)
@@ -96,6 +99,7 @@ async def test_bluez_kill_9_of_the_agent_then_the_next_gets_what_was_never_confi
                 first.kill()
                 killed_at = time.time()
                 await first.wait()
+            assert len(events(ledger, "confirmed")) < stored, "the kill came after the session"
             await asyncio.sleep(1.5)  # whatever bluetoothd confirmed for the dead agent is in
 
             def missing() -> set[str]:
