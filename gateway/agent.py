@@ -511,7 +511,8 @@ class Agent:
                              on_reject=self._rejected, known_info=self._known_info.get(address),
                              storage_blocked=self._storage_blocked,
                              on_commit=self._commit_windows.append,
-                             on_commit_failed=functools.partial(self._commit_failed, address))
+                             on_commit_failed=functools.partial(self._commit_failed, address),
+                             address=address)
         unattributed = 0
 
         async def handle(m: Measurement, c: SessionContext) -> None:

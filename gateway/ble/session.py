@@ -51,8 +51,10 @@ class SessionContext:
                  known_info: DeviceInfo | None = None,
                  storage_blocked: Callable[[], Awaitable[str | None]] | None = None,
                  on_commit: Callable[[float], None] | None = None,
-                 on_commit_failed: Callable[[str, BaseException], None] | None = None) -> None:
+                 on_commit_failed: Callable[[str, BaseException], None] | None = None,
+                 address: str = "device") -> None:
         self.link_lost = asyncio.Event()
+        self.address = address  # names the device in its log lines
         # Identifies this connection for readings that carry no time stamp or sequence
         # (timebase.reading_id); set when the link comes up.
         self.connection_id = ""
@@ -76,7 +78,7 @@ class SessionContext:
         """Keep the clock offset found at connection."""
         self.stats.clock = check
         if check.offset_s is not None and abs(check.offset_s) > 60:
-            log.warning("device clock was %+.0f s off%s", check.offset_s,
+            log.warning("%s: device clock was %+.0f s off%s", self.address, check.offset_s,
                         "; set" if check.set_ok else "; could not set it")
 
     def rejected(self, characteristic: str, raw: bytes, reason: str) -> None:
