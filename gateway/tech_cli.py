@@ -410,14 +410,14 @@ def _render_status(console: Console, result: Any, cfg: GatewayConfig) -> None:
         lines.append(("storage", str(doc["storage"])))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
-        console.print(Text(render.one_line(f"{key:<{width}}  {value}", 300)))
+        console.print(Text(f"{key:<{width}}  " + render.one_line(str(value), 300)))
     days: Mapping[str, Any] = doc.get("days_with_data") or {}
     if days:
-        t = render.table(["patient", "days with data", "period", "left", "supports"])
+        t = render.table(["patient", "days with data", "period", "left", "billable"])
         for patient, d in days.items():
             t.add_row(patient, f"{d.get('days')} of {d.get('needed')}",
                       f"{d.get('period_start')} to {d.get('period_end')}",
-                      f"{d.get('days_left')} days", f"CPT {d['code']}" if d.get("code") else "-")
+                      f"{d.get('days_left')} days", f"CPT {d['code']}" if d.get("code") else "not yet")
         console.print(t)
 
 
