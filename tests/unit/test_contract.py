@@ -330,3 +330,29 @@ def test_every_event_the_gateway_emits_is_declared() -> None:
     # The pattern finds the agent's and the uplink's calls (a sanity floor, not the list).
     assert {"storage_pressure", "clock_drift", "reading_quarantined", "bluetoothd_restarted"} <= used
     assert used - set(EVENTS) == set(), "declare these events in gateway.messages.EVENTS"
+
+
+# -- the README is part of the contract ---------------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_json_blocks() -> list[Any]:
+    return [json.loads(b) for b in re.findall(r"```json\n(.*?)```", README.read_text(), re.S)]
+
+
+def test_the_readmes_example_messages_validate() -> None:
+    validators = {"rpm-gateway/reading/1": READING, "rpm-gateway/status/1": STATUS,
+                  "rpm-gateway/event/1": EVENT}
+    blocks = _readme_json_blocks()
+    assert {b["schema"] for b in blocks} >= {"rpm-gateway/reading/1", "rpm-gateway/status/1"}
+    for block in blocks:
+        assert errors(validators[block["schema"]], block) == [], block
+
+
+def test_the_readme_documents_every_event_with_its_fields() -> None:
+    text = README.read_text()
+    for name, detail in EVENTS.items():
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| `{name}` |")]
+        for field in detail.model_fields:
+            assert f"`{field}`" in row, (name, field)
