@@ -8,15 +8,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
+import pkgutil
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import commit_window, radio_cycle
+import bench
 
 RESULTS = Path(__file__).with_name("results.json")
-BENCHES = {"commit_window": commit_window.run, "radio_cycle": radio_cycle.run}
+
+
+def _benches() -> dict[str, Callable[..., Awaitable[dict[str, Any]]]]:
+    """Every module of bench/ with an `async def run(quick: bool) -> dict`, by name: a new
+    benchmark is a new module, nothing to register."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(bench.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"bench.{info.name}")
+        if callable(getattr(module, "run", None)):
+            found[info.name] = module.run
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
     p.add_argument("--quick", action="store_true", help="fewer samples, for a smoke test")
     args = p.parse_args(argv)
-    wanted = [n for n in args.only.split(",") if n] or list(BENCHES)
+    benches = _benches()
+    wanted = [n for n in args.only.split(",") if n] or list(benches)
+    unknown = sorted(set(wanted) - set(benches))
+    if unknown:
+        p.error(f"no benchmark named {', '.join(unknown)} (there are: {', '.join(benches)})")
     results: dict[str, Any] = {}
     if args.out.exists():
         results = json.loads(args.out.read_text())
     for name in wanted:
         print(f"== {name}", flush=True)
-        results.update(asyncio.run(BENCHES[name](quick=args.quick)))
+        results.update(asyncio.run(benches[name](quick=args.quick)))
     args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out}")
     return 0
