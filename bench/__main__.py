@@ -12,7 +12,7 @@ import importlib
 import json
 import pkgutil
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import bench
 RESULTS = Path(__file__).with_name("results.json")
 
 
-def _benches() -> dict[str, Callable[..., Awaitable[dict[str, Any]]]]:
+def _benches() -> dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]]:
     """Every module of bench/ with an `async def run(quick: bool) -> dict`, by name: a new
     benchmark is a new module, nothing to register."""
     found = {}
