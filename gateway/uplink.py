@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -41,9 +40,10 @@ from gateway.messages import (
     why_invalid,
 )
 from gateway.outbox import Outbox, OutboxError, Pending
-from gateway.uplink_client import AckingClient, open_client, publish_packet_size
-from gateway.uplink_codes import describe, is_transient
+from gateway.uplink_client import AckingClient, open_client
+from gateway.uplink_codes import describe
 from gateway.uplink_credentials import load_credentials
+from gateway.uplink_drain import AckBook, Drain, DrainCounts
 from gateway.uplink_errors import (
     AuthRefusedError,
     ConnectError,
@@ -138,14 +138,11 @@ class Uplink:
         self._events: deque[bytes] = deque()
         self._event_queue_size = event_queue_size
         self._events_ready = asyncio.Event()
-        self._acked: list[int] = []
-        self._acked_ready = asyncio.Event()
+        self._acks = AckBook(outbox)
+        self._counts = DrainCounts()
         self._wake = asyncio.Event()
         self._wakeable = False  # waiting to reconnect, in a state a new attempt may fix soon
         self._early_at = -EARLY_RETRY_MIN_INTERVAL_S  # monotonic time of the last early attempt
-        self._published = 0
-        self._acked_count = 0
-        self._rejected = 0
         self._quarantine = QuarantineBook(cfg.quarantine_retry_s, log)
         self._reconnects = 0
         self._connects = 0
@@ -161,9 +158,9 @@ class Uplink:
     def counters(self) -> UplinkCounters:
         """A snapshot of the delivery counters."""
         return UplinkCounters(
-            published=self._published,
-            acked=self._acked_count,
-            rejected=self._rejected,
+            published=self._counts.published,
+            acked=self._counts.acked,
+            rejected=self._counts.rejected,
             reconnects=self._reconnects,
             events_dropped=self._events_dropped,
             quarantined=self._quarantine.count,
@@ -319,7 +316,7 @@ class Uplink:
             raise
         finally:
             self._connected = False
-            await self._flush_acked()
+            await self._acks.flush()
             # Bounded by the client's timeout; the connection is being abandoned anyway.
             with contextlib.suppress(aiomqtt.MqttError, OSError):
                 await client.__aexit__(None, None, None)
@@ -351,13 +348,18 @@ class Uplink:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(client))
-                tg.create_task(self._write_acks())
+                tg.create_task(self._acks.writer())
                 tg.create_task(self._status_loop(client))
                 tg.create_task(self._events_loop(client))
+                drain = Drain(
+                    client, self._outbox, topic=self.topic, inflight=self._cfg.inflight,
+                    publish_timeout_s=self._cfg.publish_timeout_s, counts=self._counts,
+                    acks=self._acks, quarantine=self._quarantine, set_aside=self._set_aside,
+                )
                 # The drain runs in the body, which therefore never stops awaiting: Python 3.11's
                 # TaskGroup only balances its own cancel of this task (uncancel) when a child
                 # fails while the body is still awaiting, and the check below relies on it.
-                await self._drain(client, tg)
+                await drain.run(tg)
         except BaseExceptionGroup as group:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -381,82 +383,6 @@ class Uplink:
         except aiomqtt.MqttError as e:
             raise ConnectionLostError(f"connection lost: {e.__cause__ or e}") from e
 
-    async def _drain(self, client: AckingClient, tg: asyncio.TaskGroup) -> None:
-        window = asyncio.Semaphore(self._cfg.inflight)
-        cursor = 0
-        while True:
-            batch = await self._outbox.pending(self._cfg.inflight, after_seq=cursor)
-            if not batch:
-                if not await self._idle(window):
-                    continue
-                cursor = 0  # quarantined readings are due again: back to the lowest seq
-                continue
-            for item in batch:
-                await window.acquire()
-                tg.create_task(self._deliver(client, item, window))
-                cursor = item.seq
-
-    async def _idle(self, window: asyncio.Semaphore) -> bool:
-        """Wait for a new reading, or for quarantined ones to be due: True for the latter."""
-        # The cursor has moved past a quarantined reading; without this it would be offered
-        # again only after the next reconnect, which a healthy connection may never need.
-        self._quarantine.changed.clear()
-        delay = self._quarantine.due_in()
-        if delay > 0:
-            await self._wait_for_work(delay)
-            return False
-        # Start over only with nothing in flight and every PUBACK written, so readings the
-        # broker has just taken are not offered again.
-        for _ in range(self._cfg.inflight):
-            await window.acquire()
-        for _ in range(self._cfg.inflight):
-            window.release()
-        await self._flush_acked()
-        self._quarantine.swept()
-        return True
-
-    async def _wait_for_work(self, timeout: float | None) -> None:
-        # A new reading, or a reading quarantined meanwhile (its due time is the new deadline).
-        waits = {
-            asyncio.ensure_future(self._outbox.wait_for_pending()),
-            asyncio.ensure_future(self._quarantine.changed.wait()),
-        }
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-
-    async def _deliver(self, client: AckingClient, item: Pending, window: asyncio.Semaphore) -> None:
-        try:
-            topic = self.topic(item.topic)
-            if not client.fits(topic, item.payload):
-                # The broker would drop the connection on it, and it would block the queue for
-                # ever: set it aside without sending it.
-                size = publish_packet_size(topic, item.payload)
-                await self._set_aside(
-                    item, f"packet too large: {size} bytes, the broker takes at most "
-                    f"{client.max_packet_size}"
-                )
-                return
-            self._published += 1
-            log.debug("uplink: publishing seq %d reading %s", item.seq, item.reading_id)
-            rc = await self._publish(client, topic, item.payload,
-                                     on_ack=functools.partial(self._record_ack, item.seq))
-            if not rc.is_failure:
-                return
-            self._rejected += 1
-            if is_transient(rc):
-                # Kept pending and retried after a reconnect with backoff.
-                raise PublishRejectedError(
-                    f"broker refused reading seq {item.seq} for now ({describe(rc)}); "
-                    "it stays queued"
-                )
-            await self._set_aside(item, f"broker refused it: {describe(rc)}")
-        finally:
-            window.release()
-
     async def _set_aside(self, item: Pending, reason: str) -> None:
         # Kept in the outbox with its reason and offered again every quarantine_retry_s; the
         # drain goes on behind it. No payload in the log or the event: it is patient data.
@@ -467,46 +393,16 @@ class Uplink:
             await self.publish_event("reading_quarantined", {"seq": item.seq, "reason": reason})
             self.status_changed()
 
-    def _record_ack(self, seq: int, rc: ReasonCode) -> None:
-        # Runs from the PUBACK itself, so a shutdown that cancels the delivery task still
-        # marks what the broker took (the goodbye's own PUBACK comes after these).
-        if rc.is_failure:
-            return
-        self._acked_count += 1
-        self._acked.append(seq)
-        self._acked_ready.set()
-
     async def _publish(
         self, client: AckingClient, topic: str, payload: bytes, *, retain: bool = False,
-        on_ack: Callable[[ReasonCode], None] | None = None,
     ) -> ReasonCode:
         try:
             async with asyncio.timeout(self._cfg.publish_timeout_s):
-                return await client.publish_acked(topic, payload, retain=retain, on_ack=on_ack)
+                return await client.publish_acked(topic, payload, retain=retain)
         except TimeoutError as e:
             raise PublishTimeoutError(
                 f"no PUBACK within {self._cfg.publish_timeout_s}s on {topic}"
             ) from e
-
-    async def _write_acks(self) -> None:
-        # Batched: one fsync'd transaction per burst of PUBACKs instead of one per reading.
-        while True:
-            await self._acked_ready.wait()
-            self._acked_ready.clear()
-            await self._flush_acked()
-
-    async def _flush_acked(self) -> None:
-        # The seqs leave the list only after the UPDATE committed: if this task is cancelled
-        # meanwhile (shutdown), the final flush of the session marks them again (idempotent).
-        seqs = list(self._acked)
-        if not seqs:
-            return
-        try:
-            await self._outbox.mark_delivered(seqs)
-        except OutboxError as e:
-            # They stay pending and are sent again: a duplicate (same reading_id), not a loss.
-            log.error("uplink: could not mark %d reading(s) delivered: %s", len(seqs), e)
-        del self._acked[: len(seqs)]
 
     def _status_payload(self) -> bytes:
         """The online status: the provider's report (gateway.status), `broker` and `state`."""

@@ -131,6 +131,15 @@ class AckingClient(aiomqtt.Client):
             fut.set_result(reason_code)
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    def send(self, topic: str, payload: bytes, *, on_ack: Callable[[ReasonCode], None]) -> None:
+        """Publish at QoS 1 without waiting; ``on_ack`` runs on the PUBACK (callers bound the wait)."""
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise ConnectionLostError(f"cannot publish: {paho.error_string(info.rc)}")
+        # Registered after paho.publish returns: the PUBACK can only be read by a later loop
+        # callback, so it cannot have arrived yet.
+        self._ack_callbacks[info.mid] = on_ack
+
     async def publish_acked(
         self, topic: str, payload: bytes, *, retain: bool = False,
         on_ack: Callable[[ReasonCode], None] | None = None,
@@ -152,6 +161,9 @@ class AckingClient(aiomqtt.Client):
             return await fut
         finally:
             self._acks.pop(info.mid, None)
+
+
+MqttLink = AckingClient
 
 
 async def open_client(
