@@ -38,6 +38,7 @@ from gateway.intake import belongs_to, build_reading, commit
 from gateway.lograte import StateLog
 from gateway.outbox import Outbox, OutboxError, PutResult
 from gateway.pairings import RegistryError, open_pairings
+from gateway.sd_notify import Notifier
 from gateway.status import HubStatus
 from gateway.technician import BUSY_WAIT_S, EXIT_TEMPFAIL
 from gateway.timebase import hub_clock_plausible, hub_clock_synced
@@ -133,6 +134,8 @@ class Agent:
         self._taking_events = False  # a take of the registry's journalled events is under way
         # Technicians' scans and pairings over the control socket hear adverts here.
         self._listeners: list[Callable[[BLEDevice, AdvertisementData], None]] = []
+        # systemd's notify socket (Type=notify, WatchdogSec=); does nothing without one.
+        self.notifier = Notifier()
 
     def stop(self) -> None:
         """Ask the agent to finish: sessions are cancelled, committed readings stay committed."""
@@ -157,14 +160,13 @@ class Agent:
                 loop.add_signal_handler(sig, self.stop)
         log.info("agent starting: hub %s, radio %s, %d paired device(s)",
                  self.cfg.hub.id, self.cfg.radio.kind, len(self.pairings))
+        notifier = self.notifier
         try:
             radio_cm = (contextlib.nullcontext(self._radio) if self._radio is not None
                         else open_radio(self.cfg.radio, self.cfg.hub.zone))
-            async with radio_cm as radio, \
-                    Outbox(self.cfg.outbox_path, self.cfg.outbox) as outbox, \
+            async with Outbox(self.cfg.outbox_path, self.cfg.outbox) as outbox, \
                     contextlib.AsyncExitStack() as stack:
                 self.outbox = outbox
-                self._radio_open = radio
                 # Tells a CLI that cannot reach the control socket that the radio is owned.
                 lock_fd = await asyncio.to_thread(hold_agent_lock, self.cfg.hub.data_dir)
                 if lock_fd is not None:
@@ -172,6 +174,12 @@ class Agent:
                 self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self._status_dict)
                 self._report_recovery(outbox)
                 self._publish_registry_events()  # journalled while no agent ran
+                # Config, pairing registry and outbox are open: every reading from here on is
+                # kept. The radio and the broker are not waited for: both retry for ever, and
+                # a unit that is not "started" until the clinic answers would hold up boot.
+                notifier.ready(self._systemd_status())
+                radio = await stack.enter_async_context(radio_cm)
+                self._radio_open = radio
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self.uplink.run(), name="uplink")
@@ -183,12 +191,16 @@ class Agent:
                         tg.create_task(self._dispatch(radio, tg), name="dispatch")
                         tg.create_task(self._housekeeping(outbox), name="housekeeping")
                         tg.create_task(self._serve_control(), name="control socket")
+                        tg.create_task(notifier.keep_alive(self._systemd_status),
+                                       name="systemd watchdog")
                         await self._stop.wait()
+                        notifier.stopping()
                         raise _Stop
                 except* _Stop:
                     pass
                 await self._save_snapshot()
         finally:
+            notifier.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
@@ -848,6 +860,21 @@ class Agent:
         if windows:
             doc["commit_window_ms"] = _window_summary(windows)
         return doc
+
+    def _systemd_status(self) -> str:
+        """The line `systemctl status` shows: counts and states only, never patient data."""
+        pending = (self.status.outbox or {}).get("pending")
+        parts = [f"{pending} pending" if isinstance(pending, int) else "outbox open",
+                 f"broker {self.uplink.state.value if self.uplink is not None else 'starting'}",
+                 f"radio {self.status.radio}"]
+        step = self.status.radio_recovery.step
+        if step is not None:
+            parts.append(f"radio recovery {step}")
+        if self.status.storage not in ("ok", "starting"):
+            parts.append(f"storage {self.status.storage}")
+        if self.status.hub_clock != "ok":
+            parts.append(f"hub clock {self.status.hub_clock}")
+        return ", ".join(parts)
 
     def _commit_failed(self, address: str, characteristic: str, error: BaseException) -> None:
         # The device confirmed it and the store refused it for ~20 s: it is gone. Counted,

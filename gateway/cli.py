@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from gateway import __version__, tech_args
 from gateway.config import ConfigError, GatewayConfig, load_config
@@ -77,12 +78,48 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+# sd-daemon(3)'s SD_CRIT .. SD_DEBUG: the journal reads a "<N>" at the start of a line as its
+# syslog priority (`journalctl -p warning` filters by it, and colours the line).
+_JOURNAL_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                     (logging.INFO, 6))
+_JOURNAL_DEBUG = 7
+
+
+class JournalFormatter(logging.Formatter):
+    """Each line of a record prefixed with its syslog priority, for stderr that is the journal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as usual, every line (a traceback's too) carrying the record's priority."""
+        priority = next((p for level, p in _JOURNAL_PRIORITY if record.levelno >= level),
+                        _JOURNAL_DEBUG)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def stderr_is_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """Whether `stream` is systemd's journal: $JOURNAL_STREAM names its device and inode.
+
+    Compared rather than trusted: a child process inherits the variable with a stderr that
+    may have been redirected elsewhere (systemd.exec(5)).
+    """
+    value = environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError):  # unset, malformed, or a stream without a descriptor
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def _setup_logging(level: str, stream: TextIO | None = None,
+                   environ: Mapping[str, str] | None = None) -> None:
+    stream = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(stream)
+    if stderr_is_journal(stream, os.environ if environ is None else environ):
+        # The journal stamps each line itself; a second timestamp only costs width.
+        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
