@@ -1,0 +1,164 @@
+"""Ingest: readings committed through the Outbox one per call, as a device session does.
+
+Ours: ``Outbox.put(item, confirmed=True)`` awaited for each reading in turn (gateway/intake.py's
+``commit``: one reading, one durable COMMIT before the next), on this machine's disk. Baseline:
+bare sqlite3 in the same directory, table ``(seq INTEGER PRIMARY KEY, reading_id TEXT UNIQUE,
+payload BLOB)``, WAL, ``synchronous=FULL``, one INSERT + COMMIT per reading, the same payloads.
+Both run on an empty store and on one already holding 20,000 pending readings (an outage's
+backlog: the case where a per-put cost that grows with the backlog shows). The payloads are
+real ones: blood-pressure frames decoded by the driver and built into the Reading model as the
+agent does (~1 KB of JSON each).
+
+ratio = baseline seconds / ours seconds for the same readings (ours' share of the baseline's
+throughput: 0.8 means 80 %); ``ingest_ratio`` is the lower of the two runs. Runs alternate
+baseline / ours in chunks of 50 readings, so a noisy neighbour hits both alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from drivers.base import DeviceInfo
+from drivers.blood_pressure import decode_bp
+from drivers.codec.blood_pressure import (
+    BloodPressureMeasurement,
+    encode_blood_pressure_measurement,
+)
+from drivers.codec.date_time import DateTime
+from drivers.codec.ieee11073 import MedFloat
+from gateway.config import DeviceBinding, OutboxConfig
+from gateway.intake import build_reading, outbox_item
+from gateway.outbox import Outbox, OutboxItem
+
+ZONE = ZoneInfo("America/New_York")
+CUFF = "C0:00:00:00:BC:01"
+BACKLOG = 20_000
+_INFO = DeviceInfo(manufacturer="Simulated Health", model="SIM-BP1", serial="BP00BC01",
+                   firmware="1.4.2", system_id="0102030405060708", battery_level=64)  # fmt: skip
+_BINDING = DeviceBinding(address=CUFF, patient_id="patient-0001")
+
+
+def readings(count: int, *, start: int = 0) -> list[OutboxItem]:
+    """``count`` distinct cuff readings, one a minute, built as the agent builds them."""
+    base = dt.datetime(2026, 12, 2, 8, 0)
+    out = []
+    for n in range(start, start + count):
+        taken = base + dt.timedelta(minutes=n)
+        raw = encode_blood_pressure_measurement(BloodPressureMeasurement(
+            kpa=False, systolic=MedFloat.of(110 + n % 40), diastolic=MedFloat.of(70 + n % 20),
+            mean_arterial=MedFloat.of(90 + n % 15), timestamp=DateTime.from_datetime(taken),
+            pulse_rate=MedFloat.of(60 + n % 30), user_id=1, status=0))  # fmt: skip
+        reading = build_reading(
+            decode_bp(raw), hub_id="bench-hub", binding=_BINDING, address=CUFF, info=_INFO,
+            driver_name="sig_blood_pressure", driver_version="1.0.0", clock=None,
+            received_at=taken.replace(tzinfo=ZONE).astimezone(dt.UTC), zone=ZONE,
+            hub_clock_synced=True,
+        )  # fmt: skip
+        out.append(outbox_item(reading, ZONE))
+    return out
+
+
+def _bare(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("CREATE TABLE IF NOT EXISTS r"
+                 " (seq INTEGER PRIMARY KEY, reading_id TEXT UNIQUE, payload BLOB)")  # fmt: skip
+    return conn
+
+
+def _bare_chunk(conn: sqlite3.Connection, items: list[OutboxItem]) -> float:
+    """Seconds for one INSERT + COMMIT per reading into the bare table."""
+    t0 = time.perf_counter()
+    for item in items:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO r (reading_id, payload) VALUES (?, ?)",
+                     (item.reading_id, item.payload))  # fmt: skip
+        conn.execute("COMMIT")
+    return time.perf_counter() - t0
+
+
+def _prefill_bare(path: Path, items: list[OutboxItem]) -> None:
+    conn = _bare(path)
+    try:
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO r (reading_id, payload) VALUES (?, ?)",
+                         [(i.reading_id, i.payload) for i in items])  # fmt: skip
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def _prefill_ours(path: Path, items: list[OutboxItem]) -> None:
+    async with Outbox(path, OutboxConfig(max_pending=1_000_000)) as ob:
+        for start in range(0, len(items), 1000):  # concurrent puts: group-committed
+            await asyncio.gather(*(ob.put(i, confirmed=True) for i in items[start:start + 1000]))
+
+
+async def _case(directory: Path, backlog: list[OutboxItem], chunks: list[list[OutboxItem]]
+                ) -> tuple[float, float]:  # fmt: skip
+    """Total seconds (baseline, ours) over the chunks, alternating chunk by chunk.
+
+    Both stores stay open and hold ``backlog`` first; ours is one awaited put per reading, as a
+    session commits them (gateway/intake.py). Alternating small chunks puts both under the
+    same load from whatever else runs on the machine.
+    """
+    bare, db = directory / "bare.db", directory / "outbox.db"
+    if backlog:
+        await asyncio.to_thread(_prefill_bare, bare, backlog)
+        await _prefill_ours(db, backlog)
+    conn = await asyncio.to_thread(_bare, bare)
+    base = ours = 0.0
+    try:
+        async with Outbox(db, OutboxConfig(max_pending=1_000_000)) as ob:
+            for chunk in chunks:
+                base += await asyncio.to_thread(_bare_chunk, conn, chunk)
+                t0 = time.perf_counter()
+                for item in chunk:
+                    await ob.put(item, confirmed=True)
+                ours += time.perf_counter() - t0
+    finally:
+        conn.close()
+        await asyncio.to_thread(_remove, directory, "*.db*")
+    return base, ours
+
+
+def _remove(directory: Path, pattern: str) -> None:
+    for p in directory.glob(pattern):
+        p.unlink()
+
+
+async def run(*, quick: bool = False) -> dict[str, Any]:
+    """Measure both cases; print baseline, ours and the ratio; return the results' keys."""
+    per_run, chunk = (400, 50) if quick else (3000, 50)
+    backlog = readings(BACKLOG, start=1_000_000)
+    items = readings(per_run)
+    chunks = [items[n : n + chunk] for n in range(0, per_run, chunk)]
+    figures: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(dir=Path(__file__).parent, prefix=".bench-") as tmp:
+        for name, held in (("empty", []), ("pending_20k", backlog)):
+            b, o = await _case(Path(tmp), held, chunks)
+            figures[name] = {"baseline_s": round(b, 4), "ours_s": round(o, 4),
+                             "baseline_per_s": round(per_run / b, 1),
+                             "ours_per_s": round(per_run / o, 1), "ratio": round(b / o, 3)}
+    size = statistics.median(len(i.payload) for i in items)
+    print(f"ingest: {per_run} readings, one put per call, alternating chunks of {chunk} with"
+          f" the baseline; payload ~{size:.0f} bytes")
+    for name, f in figures.items():
+        print(f"  {name:12s} baseline bare SQLite {f['baseline_per_s']:8.1f}/s"
+              f"  ours {f['ours_per_s']:8.1f}/s  ratio {f['ratio']:.2f}")
+    ratio = min(f["ratio"] for f in figures.values())
+    print(f"  ingest_ratio (lower of the two): {ratio:.2f} (goal >= 0.8)")
+    return {
+        "ingest_ratio": ratio,
+        "ingest": {"readings_per_run": per_run, "chunk": chunk, "payload_bytes": size,
+                   "backlog": BACKLOG, **figures},
+    }
