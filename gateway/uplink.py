@@ -72,7 +72,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL_S = 60.0
 # A connection that lasted this long counts as healthy and resets the reconnect backoff.
 STABLE_CONNECTION_S = 30.0
 EVENT_QUEUE_SIZE = 200
@@ -118,7 +117,7 @@ class Uplink:
         status: Callable[[], dict[str, object]],
         *,
         client_id: str | None = None,
-        status_interval_s: float = STATUS_INTERVAL_S,
+        status_interval_s: float | None = None,
         event_queue_size: int = EVENT_QUEUE_SIZE,
     ) -> None:
         self._cfg = cfg
@@ -197,7 +196,7 @@ class Uplink:
         return f"{self._cfg.topic_prefix}/{self._hub_id}/{suffix}"
 
     def status_changed(self) -> None:
-        """Ask for a status refresh now instead of at the next periodic one."""
+        """Publish the status now (the agent asks after every session and once a minute)."""
         self._status_wanted.set()
 
     def reading_stored(self) -> None:
@@ -428,6 +427,10 @@ class Uplink:
             log.warning("uplink: broker refused the status message (%s)", describe(rc))
 
     async def _status_loop(self, client: AckingClient) -> None:
+        # The status is published on connecting and whenever the owner asks (status_changed):
+        # the agent's housekeeping asks once a minute with the outbox figures it has just read,
+        # so a second timer here would only publish the same status again. `status_interval_s`
+        # is for an uplink used without such an owner.
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._status_interval_s):
