@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
@@ -40,7 +39,7 @@ from gateway.messages import (
     why_invalid,
 )
 from gateway.outbox import Outbox, OutboxError, Pending
-from gateway.uplink_client import AckingClient, open_client
+from gateway.uplink_client import MqttLink, Will, open_client
 from gateway.uplink_codes import describe
 from gateway.uplink_credentials import load_credentials
 from gateway.uplink_drain import AckBook, Drain, DrainCounts
@@ -317,14 +316,13 @@ class Uplink:
             self._connected = False
             await self._acks.flush()
             # Bounded by the client's timeout; the connection is being abandoned anyway.
-            with contextlib.suppress(aiomqtt.MqttError, OSError):
-                await client.__aexit__(None, None, None)
+            await client.close()
 
-    async def _connect(self) -> AckingClient:
+    async def _connect(self) -> MqttLink:
         password, tls = await asyncio.to_thread(load_credentials, self._cfg)
         # Fixed now, published by the broker whenever this connection dies without a
         # DISCONNECT: the same shape as the clean stop's, its `at` the time of connecting.
-        will = aiomqtt.Will(
+        will = Will(
             self.topic("status"),
             offline_message(self._hub_id, "connection_lost"),
             qos=1,
@@ -342,7 +340,7 @@ class Uplink:
         log.warning(_V311_BLIND, self._where, "the broker refuses MQTT 5")
         return await open_client(self._cfg, self._client_id, will, password, tls, v311=True)
 
-    async def _serve(self, client: AckingClient) -> None:
+    async def _serve(self, client: MqttLink) -> None:
         await self._publish_status(client)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -372,15 +370,11 @@ class Uplink:
                 raise  # a bug, not a network problem: let it be seen
             raise expected[0] from group
 
-    async def _watch(self, client: AckingClient) -> None:
-        # We subscribe to nothing, so the iterator only ever ends by raising on disconnection:
-        # this notices a dead connection even while the outbox is idle (paho's keepalive: no
+    async def _watch(self, client: MqttLink) -> None:
+        # Notices a dead connection even while the outbox is idle (paho's keepalive: no
         # PINGRESP within keepalive_s closes the connection).
-        try:
-            async for _ in client.messages:
-                pass
-        except aiomqtt.MqttError as e:
-            raise ConnectionLostError(f"connection lost: {e.__cause__ or e}") from e
+        why = await client.wait_closed()
+        raise ConnectionLostError(f"connection lost: {why}")
 
     async def _set_aside(self, item: Pending, reason: str) -> None:
         # Kept in the outbox with its reason and offered again every quarantine_retry_s; the
@@ -393,7 +387,7 @@ class Uplink:
             self.status_changed()
 
     async def _publish(
-        self, client: AckingClient, topic: str, payload: bytes, *, retain: bool = False,
+        self, client: MqttLink, topic: str, payload: bytes, *, retain: bool = False,
     ) -> ReasonCode:
         try:
             async with asyncio.timeout(self._cfg.publish_timeout_s):
@@ -416,7 +410,7 @@ class Uplink:
             default=str,
         ).encode()
 
-    async def _publish_status(self, client: AckingClient, *, offline: bool = False) -> None:
+    async def _publish_status(self, client: MqttLink, *, offline: bool = False) -> None:
         payload = offline_message(self._hub_id, "stopped") if offline else self._status_payload()
         if not client.fits(self.topic("status"), payload):
             log.warning("uplink: status (%d bytes) exceeds the broker's maximum packet size %s; "
@@ -426,7 +420,7 @@ class Uplink:
         if rc.is_failure:
             log.warning("uplink: broker refused the status message (%s)", describe(rc))
 
-    async def _status_loop(self, client: AckingClient) -> None:
+    async def _status_loop(self, client: MqttLink) -> None:
         # The status is published on connecting and whenever the owner asks (status_changed):
         # the agent's housekeeping asks once a minute with the outbox figures it has just read,
         # so a second timer here would only publish the same status again. `status_interval_s`
@@ -438,7 +432,7 @@ class Uplink:
             self._status_wanted.clear()
             await self._publish_status(client)
 
-    async def _events_loop(self, client: AckingClient) -> None:
+    async def _events_loop(self, client: MqttLink) -> None:
         while True:
             while not self._events:
                 await self._events_ready.wait()
@@ -460,7 +454,7 @@ class Uplink:
             if rc.is_failure:
                 log.warning("uplink: broker refused an event (%s); dropped", describe(rc))
 
-    async def _goodbye(self, client: AckingClient) -> None:
+    async def _goodbye(self, client: MqttLink) -> None:
         # A clean DISCONNECT suppresses the last will, so say "offline" ourselves first.
         with contextlib.suppress(UplinkError, TimeoutError):
             async with asyncio.timeout(_GOODBYE_TIMEOUT_S):

@@ -1,24 +1,35 @@
-"""One connection to the broker: aiomqtt's Client with what the uplink needs and aiomqtt does
-not give (PUBACK reason codes, the broker's Maximum Packet Size, PUBACKs that paho would reject
-as malformed), and a connect whose errors say what went wrong.
+"""One connection to the broker: paho-mqtt's client driven by this event loop, and a connect whose
+errors say what went wrong.
 
-aiomqtt 2.5.1's ``Client.publish(qos=1)`` does wait for paho's ``on_publish``, which paho calls on
-the PUBACK (not on the socket write), but it discards the PUBACK reason code: under MQTT 5 a
-broker that refuses a message (0x87 not authorized, 0x97 quota exceeded, ...) still "succeeds".
+Why paho-mqtt itself and not aiomqtt (issue 8): aiomqtt's ``publish(qos=1)`` waits for the PUBACK
+but discards its reason code, so under MQTT 5 a broker that refuses a reading (0x87 not
+authorized, 0x97 quota exceeded, ...) still "succeeds"; reading the code meant overriding
+aiomqtt's private callbacks and reaching into its private client. paho 2.x gives it publicly
+(``on_publish`` with CallbackAPIVersion.VERSION2), the CONNACK's properties with it (the
+broker's Maximum Packet Size), and its documented external-loop API (``on_socket_*``,
+``loop_read``/``loop_write``/``loop_misc``) lets the event loop drive the socket: no thread, no
+per-message future or task. Measured with bench/drain.py on the same machine: see the commit.
+
+One paho quirk is still handled below paho's public surface (``_LenientPaho``): mosquitto answers
+a payload over its ``message_size_limit`` with PUBACK 0x95, a code MQTT 5 allows only in
+DISCONNECT; paho declares such a PUBACK malformed and drops the connection, and the reading
+would be resent, and the connection dropped, for ever. The override reads that PUBACK as the
+refusal it means. tests/integration/test_uplink_quarantine.py fails if paho changes under it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import struct
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import aiomqtt
 import paho.mqtt.client as paho
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -32,6 +43,18 @@ from gateway.uplink_errors import (
     ConnectionLostError,
     ProtocolRefusedError,
 )
+
+OnAck = Callable[[ReasonCode], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The last will: published by the broker when the connection dies without a DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
 
 
 def _varint_len(n: int) -> int:
@@ -58,159 +81,240 @@ def _lenient_reason(code: int) -> ReasonCode | None:
     return None
 
 
-class AckingClient(aiomqtt.Client):
-    """aiomqtt's Client with a QoS 1 publish that returns the broker's PUBACK reason code."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
-        # Called on the PUBACK even when the publishing task was cancelled meanwhile (shutdown),
-        # so a reading the broker has taken is not left pending and sent again needlessly.
-        self._ack_callbacks: dict[int, Callable[[ReasonCode], None]] = {}
-        self.max_packet_size: int | None = None
-        super().__init__(*args, **kwargs)
-        self._strict_puback = self._client._handle_pubackcomp
-        # Instance attribute shadowing paho's method: paho's packet dispatcher calls it by name.
-        self._client._handle_pubackcomp = self._handle_pubackcomp  # type: ignore[method-assign]
+class _LenientPaho(paho.Client):
+    """paho's client, reading mosquitto's PUBACK 0x95 as a refusal instead of a protocol error."""
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
-        # mosquitto answers a payload over `message_size_limit` with PUBACK 0x95, a code MQTT 5
-        # allows only in DISCONNECT; paho then declares the packet malformed and drops the
-        # connection, and the reading would be resent (and the connection dropped) for ever.
-        # Such a PUBACK is read here as the refusal it means.
         try:
-            result: MQTTErrorCode = self._strict_puback(cmd)
+            return super()._handle_pubackcomp(cmd)
         except MalformedPacket:
-            inner = self._client
-            packet = bytes(inner._in_packet["packet"])
-            if cmd != "PUBACK" or inner._protocol != paho.MQTTv5 or len(packet) < 3:
+            packet = bytes(self._in_packet["packet"])
+            if cmd != "PUBACK" or self._protocol != paho.MQTTv5 or len(packet) < 3:
                 raise
             mid, code = struct.unpack("!HB", packet[:3])
             reason = _lenient_reason(code)
             if reason is None or not reason.is_failure:
                 raise
-            with inner._out_message_mutex:
-                if mid in inner._out_messages:
+            with self._out_message_mutex:
+                if mid in self._out_messages:
                     props = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
-                    return inner._do_on_publish(mid, reason, props)
+                    return self._do_on_publish(mid, reason, props)
             return paho.MQTT_ERR_SUCCESS
-        return result
 
-    def _on_connect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: paho.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None = None,
-    ) -> None:
+
+class MqttLink:
+    """A connected MQTT client on this event loop: QoS 1 publishes with their PUBACK reason codes."""
+
+    def __init__(self, cfg: MqttConfig, client_id: str, will: Will, password: str | None,
+                 tls: ssl.SSLContext | None, *, v311: bool) -> None:
+        self._cfg = cfg
+        self._loop = asyncio.get_running_loop()
+        self._connack: asyncio.Future[tuple[ReasonCode, Properties | None]] = (
+            self._loop.create_future())
+        self._closed: asyncio.Future[str] = self._loop.create_future()
+        self._acks: dict[int, OnAck] = {}
+        self._misc: asyncio.Task[None] | None = None
+        self._fd = -1
+        self._loop_thread = threading.get_ident()
+        self.max_packet_size: int | None = None
+        self.v5 = not v311
+        p = _LenientPaho(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=paho.MQTTv311 if v311 else paho.MQTTv5,
+                         reconnect_on_failure=False)
+        if cfg.username is not None:
+            p.username_pw_set(cfg.username, password)
+        p.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        if tls is not None:
+            p.tls_set_context(tls)
+        # The drain keeps at most `inflight` readings out; a status or an event beyond that
+        # waits in paho's queue for a free slot.
+        p.max_inflight_messages_set(cfg.inflight)
+        p.on_connect = self._on_connect
+        p.on_disconnect = self._on_disconnect
+        p.on_publish = self._on_publish
+        p.on_socket_open = self._on_socket_open
+        p.on_socket_close = self._on_socket_close
+        p.on_socket_register_write = self._on_register_write
+        p.on_socket_unregister_write = self._on_unregister_write
+        self._paho = p
+
+    # -- paho's callbacks (on the event loop, except socket open/register during connect) ----
+
+    def _on_connect(self, _c: paho.Client, _u: Any, _f: paho.ConnectFlags, rc: ReasonCode,
+                    props: Properties | None = None) -> None:
+        if not self._connack.done():
+            self._connack.set_result((rc, props))
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: paho.DisconnectFlags, rc: ReasonCode,
+                       _p: Properties | None = None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(str(rc))
+
+    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: ReasonCode,
+                    _p: Properties) -> None:
+        # Called from the PUBACK handler: paho calls it on the PUBACK, not on the socket write.
+        on_ack = self._acks.pop(mid, None)
+        if on_ack is not None:
+            on_ack(rc)
+
+    def _on_socket_open(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+        # Called in the thread that runs paho's blocking connect().
+        self._loop.call_soon_threadsafe(self._watch_socket, sock.fileno())
+
+    def _watch_socket(self, fd: int) -> None:
+        self._fd = fd
+        self._loop.add_reader(fd, self._readable)
+        self._misc = self._loop.create_task(self._misc_loop(), name="mqtt keepalive")
+
+    def _on_socket_close(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+        fd = sock.fileno()
+        if fd > -1:
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+        if not self._closed.done():
+            self._closed.set_result("socket closed")
+
+    def _on_register_write(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+        # On every publish that finds the socket idle: no wake-up through the loop's self-pipe
+        # unless it comes from connect()'s thread.
+        if threading.get_ident() == self._loop_thread:
+            self._loop.add_writer(sock.fileno(), self._writable)
+        else:
+            self._loop.call_soon_threadsafe(self._loop.add_writer, sock.fileno(), self._writable)
+
+    def _on_unregister_write(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+        self._loop.remove_writer(sock.fileno())
+
+    def _readable(self) -> None:
+        try:
+            while True:
+                self._paho.loop_read()
+                # TLS may hold decrypted bytes the socket no longer signals.
+                sock = self._paho.socket()
+                if not (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0):
+                    break
+        except Exception as e:  # a broken pipe, a TLS error: the connection is gone
+            self._fail(f"{type(e).__name__}: {e}")
+
+    def _writable(self) -> None:
+        try:
+            self._paho.loop_write()
+        except Exception as e:
+            self._fail(f"{type(e).__name__}: {e}")
+
+    def _fail(self, why: str) -> None:
+        if not self._closed.done():
+            self._closed.set_result(why)
+
+    async def _misc_loop(self) -> None:
+        # Keepalive: paho sends PINGREQ and closes the connection when no PINGRESP came in time.
+        while self._paho.loop_misc() == paho.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
+            await asyncio.sleep(1)
+
+    # -- the uplink's side ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """TCP (+ TLS) in a thread, then wait for the CONNACK; raises ConnectError saying why."""
+        cfg, v = self._cfg, "5" if self.v5 else "3.1.1"
+        try:
+            # paho's own connect timeout (5 s) bounds the TCP connect and the TLS handshake.
+            await asyncio.to_thread(self._paho.connect, cfg.host, cfg.port, cfg.keepalive_s)
+            async with asyncio.timeout(cfg.publish_timeout_s):
+                waits: set[asyncio.Future[Any]] = {self._connack, self._closed}
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError as e:
+            self._abandon()
+            # A frozen network or an overloaded broker: a failed attempt like any other, never
+            # a reason to try MQTT 3.1.1, where refusals are invisible.
+            hint = ""
+            if self.v5 and cfg.protocol == "auto":
+                hint = ' (a broker that ignores MQTT 5 needs mqtt.protocol = "3.1.1")'
+            raise ConnectError(f"no CONNACK within {cfg.publish_timeout_s}s{hint}") from e
+        except (OSError, ValueError) as e:
+            self._abandon()
+            raise ConnectError(f"cannot connect: {e}") from e
+        if self._connack not in done:
+            self._abandon()
+            raise ConnectError(f"cannot connect: connection closed before CONNACK "
+                               f"({self._closed.result()})")
+        rc, props = self._connack.result()
+        if rc.is_failure:
+            self._abandon()
+            code = code_of(rc)
+            if code in UNSUPPORTED_PROTOCOL:
+                raise ProtocolRefusedError(f"broker refused MQTT {v}: {rc}")
+            if code in AUTH_REFUSED:
+                raise AuthRefusedError(f"broker refused the credentials: {rc}")
+            raise ConnectError(f"broker refused the connection: {rc}")
         # MQTT 5 CONNACK: a broker that limits packet sizes says so here, and disconnects a
-        # client that sends a larger one (aiomqtt does not keep the CONNACK's properties).
-        size = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        # client that sends a larger one.
+        size = getattr(props, "MaximumPacketSize", None) if props is not None else None
         self.max_packet_size = int(size) if size is not None else None
-        super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def fits(self, topic: str, payload: bytes) -> bool:
         """Whether a QoS 1 PUBLISH of this is within the broker's Maximum Packet Size (if it set one)."""
         limit = self.max_packet_size
         return limit is None or publish_packet_size(topic, payload) <= limit
 
-    def _on_publish(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties,
-    ) -> None:
-        # paho calls this from the PUBACK handler, on the event loop (aiomqtt's socket reader).
-        callback = self._ack_callbacks.pop(mid, None)
-        if callback is not None:
-            callback(reason_code)
-        fut = self._acks.pop(mid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(reason_code)
-        super()._on_publish(client, userdata, mid, reason_code, properties)
+    def send(self, topic: str, payload: bytes, *, on_ack: OnAck, retain: bool = False) -> None:
+        """Publish at QoS 1 without waiting; ``on_ack`` gets the PUBACK's reason code.
 
-    def send(self, topic: str, payload: bytes, *, on_ack: Callable[[ReasonCode], None]) -> None:
-        """Publish at QoS 1 without waiting; ``on_ack`` runs on the PUBACK (callers bound the wait)."""
-        info = self._client.publish(topic, payload, qos=1)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise ConnectionLostError(f"cannot publish: {paho.error_string(info.rc)}")
-        # Registered after paho.publish returns: the PUBACK can only be read by a later loop
-        # callback, so it cannot have arrived yet.
-        self._ack_callbacks[info.mid] = on_ack
-
-    async def publish_acked(
-        self, topic: str, payload: bytes, *, retain: bool = False,
-        on_ack: Callable[[ReasonCode], None] | None = None,
-    ) -> ReasonCode:
-        """Publish at QoS 1 and return the PUBACK's reason code (callers bound the wait).
-
-        `on_ack` runs when the PUBACK arrives, even if this call was cancelled by then.
+        Callers bound the wait themselves. ``on_ack`` runs even if whoever sent it is gone.
         """
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if self._closed.done():
+            raise ConnectionLostError(f"cannot publish: connection lost ({self._closed.result()})")
+        info = self._paho.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise ConnectionLostError(f"cannot publish: {paho.error_string(info.rc)}")
-        if on_ack is not None:
-            self._ack_callbacks[info.mid] = on_ack
-        # Registered after paho.publish returns: the PUBACK can only be read by a later loop
-        # callback, so it cannot have arrived yet.
-        fut: asyncio.Future[ReasonCode] = asyncio.get_running_loop().create_future()
-        self._acks[info.mid] = fut
-        try:
-            return await fut
-        finally:
-            self._acks.pop(info.mid, None)
+        # Registered after publish() returns: the PUBACK is read by a later loop callback.
+        self._acks[info.mid] = on_ack
 
+    async def publish_acked(self, topic: str, payload: bytes, *, retain: bool = False) -> ReasonCode:
+        """Publish at QoS 1 and return the PUBACK's reason code (callers bound the wait)."""
+        fut: asyncio.Future[ReasonCode] = self._loop.create_future()
 
-MqttLink = AckingClient
+        def on_ack(rc: ReasonCode) -> None:
+            if not fut.done():
+                fut.set_result(rc)
+
+        self.send(topic, payload, on_ack=on_ack, retain=retain)
+        return await fut
+
+    async def wait_closed(self) -> str:
+        """Return why, once the connection is gone (keepalive, socket error, broker DISCONNECT)."""
+        return await asyncio.shield(self._closed)
+
+    async def close(self) -> None:
+        """A clean DISCONNECT (the broker then drops the will), bounded by publish_timeout_s."""
+        if not self._closed.done() and self._paho.disconnect() == paho.MQTT_ERR_SUCCESS:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._cfg.publish_timeout_s):
+                    await asyncio.shield(self._closed)
+        self._abandon()
+
+    def _abandon(self) -> None:
+        if self._misc is not None:
+            self._misc.cancel()
+        if self._fd > -1:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        sock = self._paho.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._fail("closed")
 
 
 async def open_client(
     cfg: MqttConfig,
     client_id: str,
-    will: aiomqtt.Will,
+    will: Will,
     password: str | None,
     tls: ssl.SSLContext | None,
     *,
     v311: bool,
-) -> AckingClient:
+) -> MqttLink:
     """Connect once (MQTT 5, or 3.1.1 if ``v311``); raises a ConnectError subclass saying why not."""
-    client = AckingClient(
-        cfg.host,
-        cfg.port,
-        username=cfg.username,
-        password=password,
-        identifier=client_id,
-        protocol=aiomqtt.ProtocolVersion.V311 if v311 else aiomqtt.ProtocolVersion.V5,
-        will=will,
-        keepalive=cfg.keepalive_s,
-        # Also bounds the wait for CONNACK and for the clean DISCONNECT.
-        timeout=cfg.publish_timeout_s,
-        tls_context=tls,
-        max_inflight_messages=cfg.inflight,
-    )
-    # aiomqtt warns above this many pending calls; our window is the in-flight limit plus a
-    # status and an event publish.
-    client.pending_calls_threshold = cfg.inflight + 2
-    try:
-        await client.__aenter__()
-    except MqttConnectError as e:
-        code = code_of(e.rc)
-        if code in UNSUPPORTED_PROTOCOL:
-            raise ProtocolRefusedError(f"broker refused MQTT {'3.1.1' if v311 else '5'}: {e}") from e
-        if code in AUTH_REFUSED:
-            raise AuthRefusedError(f"broker refused the credentials: {e}") from e
-        raise ConnectError(f"broker refused the connection: {e}") from e
-    except aiomqtt.MqttError as e:
-        # aiomqtt raises "from None"; the context tells a network error (OSError) from a
-        # connection that was accepted but never got a CONNACK (TimeoutError). That is a failed
-        # attempt like any other, never a reason to try MQTT 3.1.1: a frozen network or an
-        # overloaded broker would leave us on a protocol that cannot see refusals.
-        if isinstance(e.__context__, TimeoutError):
-            hint = ""
-            if not v311 and cfg.protocol == "auto":
-                hint = ' (a broker that ignores MQTT 5 needs mqtt.protocol = "3.1.1")'
-            raise ConnectError(f"no CONNACK within {cfg.publish_timeout_s}s{hint}") from e
-        raise ConnectError(f"cannot connect: {e}") from e
-    return client
+    link = MqttLink(cfg, client_id, will, password, tls, v311=v311)
+    await link.connect()
+    return link
