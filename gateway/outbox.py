@@ -18,6 +18,10 @@ what open() found is in :attr:`Outbox.recovery`.
 All SQLite work runs on one dedicated worker thread with one connection: the event loop never
 waits on the disk, and the single thread serialises writers, so ``seq`` order is commit order.
 
+Wear (schema v3, gateway/outbox_schema.py): 2 KiB pages for new files, no AUTOINCREMENT (a
+seq is still never reused: :meth:`Outbox._high`), no index on delivered_at (prune walks the
+table in seq order), and the row counts kept in memory (:mod:`gateway.outbox_counts`).
+
 Fault injection (tests only): ``RPM_GATEWAY_FAULT_COMMIT_DELAY_MS`` set in the environment makes
 every put() sleep that long on the worker thread before its COMMIT (a slow SD card). It is read
 once, when the Outbox is constructed.
@@ -48,7 +52,7 @@ from gateway.config import ID_RE, OutboxConfig
 from gateway.outbox_counts import Counts, count_rows
 from gateway.outbox_pages import wal_damage
 from gateway.outbox_salvage import Salvage, salvage_into
-from gateway.outbox_schema import MIGRATIONS, SCHEMA_VERSION
+from gateway.outbox_schema import MIGRATIONS, NEW_FILE_PAGE_SIZE, SCHEMA_VERSION, SEQ_HIGH
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +82,11 @@ _MIB = 1024 * 1024
 # SQLite's own disk headroom must fit under cfg.min_free_mb, the gate's floor: below the floor
 # no device is read, so everything SQLite needs to commit a session's readings must be there.
 # The WAL is checkpointed every _wal_pages(...) pages and truncated back to the same size, so
-# it stays at or below min(1 MiB, floor / 2) in normal use: 254 frames x (4096 + 24) bytes
-# = 1.0 MiB. With the default 2 MiB floor: 1.0 MiB WAL + 32 KiB wal-index (-shm) + the
+# it stays at or below min(1 MiB, floor / 2) in normal use: 506 frames x (2048 + 24) bytes
+# = 1.0 MiB (a file made before schema v3 keeps 4 KiB pages: 254 frames x (4096 + 24)).
+# With the default 2 MiB floor: 1.0 MiB WAL + 32 KiB wal-index (-shm) + the
 # database's own growth for one session (a few pages; a reading is ~1 KiB) < 2 MiB. With the
-# smallest floor the config allows (0.25 MiB): a 128 KiB WAL (31 frames) + 32 KiB + growth.
+# smallest floor the config allows (0.25 MiB): a 128 KiB WAL (63 frames) + 32 KiB + growth.
 _WAL_CEILING = 1 * _MIB
 _BUSY_TIMEOUT_MS = 5_000
 _PROBE_INTERVAL_S = 1.0  # at most one write probe per second while the store is failing
@@ -683,6 +688,8 @@ class Outbox:
             empty = self._empty_file()
             conn = self._checked_connection()
             version = self._schema_version(conn)  # before WAL: a newer file is left untouched
+            if version == 0:  # a new file: its page size is set before its first page exists
+                conn.execute(f"PRAGMA page_size = {NEW_FILE_PAGE_SIZE}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageError(f"cannot use WAL journal mode on {self._path} (got {mode})")
@@ -790,6 +797,7 @@ class Outbox:
     def _build_salvaged(self, new: Path, *, wal_damaged: bool) -> Salvage:
         conn = sqlite3.connect(new, isolation_level=None)
         try:
+            conn.execute(f"PRAGMA page_size = {NEW_FILE_PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode = DELETE")  # one self-contained file once closed
             conn.execute("PRAGMA synchronous = FULL")
             self._migrate(conn, 0)
@@ -884,6 +892,7 @@ class Outbox:
         """
         now = _iso(self._clock())
         conn.execute("BEGIN IMMEDIATE")
+        high = self._high(conn)
         seen = self._existing_ids(conn, [item.reading_id for item, _ in items])
         # The worker keeps the count exact; a COUNT(*) here would grow with the backlog, and
         # the backlog is largest during an outage, when the commit window matters most.
@@ -933,14 +942,15 @@ class Outbox:
                 "DELETE FROM readings WHERE reading_id = ? AND patient_id IS NULL", claimed
             ).rowcount
         conn.executemany(
-            "INSERT INTO readings (reading_id, topic, payload, patient_id, kind, measured_at,"
-            " measured_day, valid, created_at, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows.values(),
+            "INSERT INTO readings (seq, reading_id, topic, payload, patient_id, kind, measured_at,"
+            " measured_day, valid, created_at, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(seq, *row) for seq, row in enumerate(rows.values(), start=high + 1)],
         )
         if self._cfg.when_full == "drop_oldest" and pending > self._cfg.max_pending:
             dropped = self._drop_oldest(conn, pending - self._cfg.max_pending, "over max_pending")
             pending += dropped.backlog  # negative: rows deleted
             change.quarantined += dropped.quarantined
+            self._hold_high(conn, high + len(rows))
         if rejected:
             total = self._bump(conn, "rejected_full", rejected)
             log.warning("outbox full (%s, when_full=reject_new): rejected %d new reading(s); "
@@ -951,6 +961,34 @@ class Outbox:
         change.backlog = pending - self._counts.backlog
         self._counts.add(change)
         return results
+
+    @staticmethod
+    def _high(conn: sqlite3.Connection) -> int:
+        """The highest seq ever handed out: the next row gets this + 1 (a seq is never reused).
+
+        Not AUTOINCREMENT, which writes sqlite_sequence's page in every insert: the table's own
+        top row shows the high-water mark, and counters keeps it when deletes hide it.
+        """
+        return int(conn.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(seq) FROM readings), 0),"
+            " COALESCE((SELECT value FROM counters WHERE name = ?), 0))", (SEQ_HIGH,),
+        ).fetchone()[0])  # fmt: skip
+
+    @staticmethod
+    def _hold_high(conn: sqlite3.Connection, high: int) -> None:
+        """After deleting rows: record ``high`` if the table's top row no longer shows it.
+
+        A seq is what the uplink acknowledges by (mark_delivered after a PUBACK) and where its
+        cursor stands: handing a deleted row's seq to a new reading could mark that reading
+        delivered by the old one's PUBACK, or hide it behind the cursor.
+        """
+        top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM readings").fetchone()[0]
+        if int(top) < high:
+            conn.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)",
+                (SEQ_HIGH, high),
+            )
 
     @staticmethod
     def _existing_ids(conn: sqlite3.Connection, ids: list[str]) -> dict[str, bool]:
@@ -1221,17 +1259,17 @@ class Outbox:
             return replace(found, outcome=AssignOutcome.DAMAGED, patient_id=None)
         new = _with_patient(obj, patient_id)
         day = day or str(stored_day)
-        # Deleted and stored again, not updated in place: AUTOINCREMENT gives it a seq after
-        # every pending row, where the uplink's cursor finds it now (the drain goes back to
-        # the lowest seq only once per quarantine_retry_s), and a seq is never reused.
+        # Deleted and stored again, not updated in place: a new seq after every pending row,
+        # where the uplink's cursor finds it now (the drain goes back to the lowest seq only
+        # once per quarantine_retry_s); _high: a seq is never reused.
+        new_seq = self._high(conn) + 1
         conn.execute("DELETE FROM readings WHERE seq = ?", (seq,))
-        new_seq = conn.execute(
-            "INSERT INTO readings (reading_id, topic, payload, patient_id, kind, measured_at,"
-            " measured_day, valid, created_at, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " RETURNING seq",
-            (reading_id, topic, new, patient_id, kind, measured_at, day, valid, now,
+        conn.execute(
+            "INSERT INTO readings (seq, reading_id, topic, payload, patient_id, kind, measured_at,"
+            " measured_day, valid, created_at, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new_seq, reading_id, topic, new, patient_id, kind, measured_at, day, valid, now,
              _checksum(new)),
-        ).fetchone()[0]  # fmt: skip
+        )  # fmt: skip
         conn.execute("COMMIT")  # synchronous=FULL: on the disk when this returns
         # See assign(): past max_pending is allowed, the policy takes it from here.
         self._counts.add(Counts(backlog=1, unattributed=-1))
@@ -1243,16 +1281,40 @@ class Outbox:
             seq=int(new_seq), assigned_at=_utc_z(now),
         )  # fmt: skip
 
+    @staticmethod
+    def _prune_delivered(conn: sqlite3.Connection, keep_since: str) -> int:
+        """Delete delivered rows with delivered_at < keep_since; how many.
+
+        No index on delivered_at (a delivered mark would write its page: schema v3). The table
+        is walked in seq order from the oldest row, a chunk at a time, and the walk stops after
+        the chunk holding the first row created at or after keep_since: a row is delivered
+        after it is created, so no later row can be due. Only rows that are due are deleted;
+        if the hub clock went backwards, some may wait for a later prune (kept longer, never
+        deleted early). An hourly prune reads about an hour of rows plus what must be kept.
+        """
+        removed, cursor = 0, 0
+        while True:
+            rows = conn.execute(
+                "SELECT seq, delivered_at, created_at FROM readings WHERE seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (cursor, _IN_CHUNK),
+            ).fetchall()
+            due = [(int(seq),) for seq, delivered, _ in rows
+                   if delivered is not None and str(delivered) < keep_since]  # fmt: skip
+            if due:
+                removed += conn.executemany("DELETE FROM readings WHERE seq = ?", due).rowcount
+            if len(rows) < _IN_CHUNK or any(str(c) >= keep_since for _, _, c in rows):
+                return removed
+            cursor = int(rows[-1][0])
+
     def _prune_sync(self, conn: sqlite3.Connection) -> None:
         now = self._clock()
         cfg = self._cfg
         keep_since = _iso(now - timedelta(days=cfg.keep_delivered_days))
         conn.execute("BEGIN IMMEDIATE")
+        high = self._high(conn)
         change = Counts()
-        removed = conn.execute(
-            "DELETE FROM readings WHERE delivered_at IS NOT NULL AND delivered_at < ?",
-            (keep_since,),
-        ).rowcount
+        removed = self._prune_delivered(conn, keep_since)
         change.delivered -= removed
         # Unattributed readings are kept as long as delivered ones, for de-duplication and for
         # a technician to assign (assign()); past that they are dropped, and counted: a reading
@@ -1280,6 +1342,7 @@ class Outbox:
         elif excess >= 0:
             log.warning("outbox full (%s, when_full=reject_new): new readings are being rejected",
                         self._full_reason(backlog))  # fmt: skip
+        self._hold_high(conn, high)
         conn.execute("COMMIT")
         self._counts.add(change)
         if removed:

@@ -142,7 +142,7 @@ class _Pages:
         self.wal_frames: dict[int, list[tuple[int, int]]] = {}
         wal_page_size = self._index_wal()
         if self.page_size is None:
-            self.page_size = wal_page_size or _DEFAULT_PAGE_SIZE
+            self.page_size = wal_page_size or _guess_page_size(db)
         if self.reserved >= self.page_size - 480:
             self.reserved = 0
 
@@ -203,6 +203,25 @@ def _page_size(raw: bytes) -> int | None:
 
 def _page_size_ok(size: int) -> bool:
     return 512 <= size <= 65536 and size & (size - 1) == 0
+
+
+def _guess_page_size(db: bytes | mmap.mmap) -> int:
+    """The page size under which the most pages (after the first) start like b-tree pages.
+
+    For a file whose header is damaged and that has no WAL to say it: new outboxes use 2 KiB
+    pages, older ones 4 KiB. A size too large skips real pages, a size too small lands in
+    mid-page bytes: each wrong start costs a point, each b-tree page type gains one.
+    """
+    best, best_score = _DEFAULT_PAGE_SIZE, 0
+    for size in (4096, 2048, 1024, 8192, 16384, 32768, 65536, 512):
+        starts = range(size, len(db) - 8, size)
+        if not starts:
+            continue
+        good = sum(db[at] in _BTREE_PAGE_TYPES for at in starts)
+        score = 2 * good - len(starts)
+        if score > best_score:
+            best, best_score = size, score
+    return best
 
 
 def scan(db: bytes | mmap.mmap, wal: bytes | mmap.mmap = b"") -> ScanResult:
@@ -283,6 +302,7 @@ def _scan_page(
 # Interior table, interior index and leaf index pages: never readings rows, and not damaged
 # in a way that matters here (SQLite's ranges cover what hangs below them).
 _OTHER_BTREE_PAGES = frozenset({0x02, 0x05, 0x0A})
+_BTREE_PAGE_TYPES = frozenset({*_OTHER_BTREE_PAGES, 0x0D})
 
 
 def _carve(

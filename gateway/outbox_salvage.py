@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.outbox_pages import RawRow, ScanResult, Value, scan_files
-from gateway.outbox_schema import COLUMNS
+from gateway.outbox_schema import COLUMNS, SEQ_HIGH  # SEQ_HIGH == 'seq_high'
 
 _CHUNK = 256  # seqs per SQLite query: a damaged page costs SQLite's answer for this range only
 _SQLITE_ORDER = -0.5  # newer than the database file's pages, older than any WAL frame
@@ -102,12 +102,9 @@ def salvage_into(conn: sqlite3.Connection, damaged: Path, *, wal_damaged: bool) 
             )
         # A seq seen in the old file is never handed out again, even for a row that was lost.
         conn.execute(
-            "UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'readings'", (high,)
-        )
-        conn.execute(
-            "INSERT INTO sqlite_sequence (name, seq) SELECT 'readings', ?"
-            " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'readings')",
-            (high,),
+            "INSERT INTO counters (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)",
+            (SEQ_HIGH, high),
         )
         conn.execute("COMMIT")
     except BaseException:
@@ -169,8 +166,10 @@ def _read_with_sqlite(path: Path, max_seq: int) -> tuple[dict[int, Row], dict[st
             for name, value in conn.execute("SELECT name, value FROM counters"):
                 if name in _CARRIED_COUNTERS and isinstance(value, int) and value > 0:
                     counters[name] = value
+        # The high-water mark: v3 keeps it in counters, v1 and v2 in sqlite_sequence.
         for probe in ("SELECT MAX(seq) FROM readings", "SELECT seq FROM sqlite_sequence"
-                      " WHERE name = 'readings'"):  # fmt: skip
+                      " WHERE name = 'readings'",
+                      "SELECT value FROM counters WHERE name = 'seq_high'"):  # fmt: skip
             with contextlib.suppress(sqlite3.Error, TypeError, ValueError):
                 max_seq = max(max_seq, int(conn.execute(probe).fetchone()[0]))
         for chunk in range(max_seq // _CHUNK + 1):

@@ -194,13 +194,17 @@ async def test_commit_delay_fault_injection(
 
 
 async def test_wal_limits_follow_the_free_space_floor(tmp_path: Path) -> None:
-    for floor_mb, pages in ((2.0, 254), (0.25, 31)):
+    # A new file has 2 KiB pages (schema v3): frames of 2048 + 24 bytes, the same byte bound.
+    for floor_mb, pages in ((2.0, 506), (0.25, 63)):
         async with Outbox(tmp_path / f"o{floor_mb}.db", OutboxConfig(min_free_mb=floor_mb)) as ob:
             got = await ob._run(
                 lambda c: (
                     c.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
                     c.execute("PRAGMA journal_size_limit").fetchone()[0],
+                    c.execute("PRAGMA page_size").fetchone()[0],
                 )
             )
+            assert got[2] == 2048
             assert got[0] == pages
+            assert got[0] * (got[2] + 24) <= floor_mb * 1024 * 1024 / 2
             assert got[1] <= floor_mb * 1024 * 1024 / 2
