@@ -49,6 +49,13 @@ faketime:
 
 # Benchmarks against baselines measured in the same run; writes bench/results.json.
 bench: venv mosquitto
+	@if command -v strace >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing strace with apt-get (bench/wear counts fsyncs with it)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; \
+	else \
+	  echo "bench/wear counts fsyncs with strace: sudo apt-get install strace"; exit 1; \
+	fi
 	$(BIN)/python -m bench
 
 # The integration tests need a real mosquitto; install it from Debian when we can.
