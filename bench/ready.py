@@ -37,8 +37,11 @@ CUFF = "C0:00:00:00:BC:01"
 SCALE = "C0:00:00:00:5C:01"
 ZONE = ZoneInfo("America/New_York")
 GOAL_S = 0.3
-# The modules `rpm-gateway run` imports before READY on the hub, bluez radio included.
-AGENT_MODULES = "gateway.cli, gateway.agent, gateway.ble.bluez_radio"
+# Every module of the running agent on the hub (bluez radio, uplink, sessions, control socket):
+# the agent imports some only after READY, but it needs them all.
+AGENT_MODULES = ("gateway.cli, gateway.config_check, gateway.agent, gateway.ble.bluez_radio,"
+                 " gateway.uplink, gateway.technician, gateway.control, gateway.ble.session,"
+                 " drivers.registry, gateway.intake")
 _BATCH = 500  # puts handed over together share one commit: filling the outbox stays quick
 
 
@@ -110,8 +113,10 @@ def _command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
 
 
-async def _start_to_ready(config: Path, directory: Path, base_env: dict[str, str]) -> float:
-    """Seconds from exec to READY=1; the agent is then stopped (SIGTERM, must exit 0)."""
+async def _start_to_ready(config: Path, directory: Path, base_env: dict[str, str]
+                          ) -> tuple[float, float]:
+    """Seconds from exec to READY=1, and to the first status line that shows the radio tried
+    (everything loaded, the scanner started); the agent is then stopped (SIGTERM, exit 0)."""
     notify = directory / "notify"
     notify.unlink(missing_ok=True)
     loop = asyncio.get_running_loop()
@@ -128,7 +133,10 @@ async def _start_to_ready(config: Path, directory: Path, base_env: dict[str, str
             async with asyncio.timeout(30):
                 while b"READY=1" not in (await loop.sock_recv(sock, 4096)).split(b"\n"):
                     pass
-            elapsed = time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                while b"radio unavailable" not in await loop.sock_recv(sock, 4096):
+                    pass
+                running = time.perf_counter() - t0
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), 30)
         finally:
@@ -137,7 +145,7 @@ async def _start_to_ready(config: Path, directory: Path, base_env: dict[str, str
                 await proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"the agent exited {proc.returncode}: {err.decode()[-2000:]}")
-    return elapsed
+    return elapsed, running
 
 
 def _bytecode_env(cache: Path) -> dict[str, str]:
@@ -177,16 +185,19 @@ async def run(*, quick: bool = False) -> dict[str, Any]:
         env = _bytecode_env(directory / "pycache")
         # The first start compiles the bytecode cache and warms the page cache (as the
         # install and the boot before have on the hub); timed separately, environment as is.
-        cold = await _start_to_ready(config, directory, dict(os.environ))
+        cold, _ = await _start_to_ready(config, directory, dict(os.environ))
         await _start_to_ready(config, directory, env)
-        ours, base, bare, imports = [], [], [], []
+        ours, running, base, bare, imports = [], [], [], [], []
         for _ in range(starts):  # interleaved: drift of a noisy machine hits both alike
             base.append(await asyncio.to_thread(_exec_s, "import asyncio, sqlite3", env))
             bare.append(await asyncio.to_thread(_exec_s, "pass", env))
-            ours.append(await _start_to_ready(config, directory, env))
+            ready_s, running_s = await _start_to_ready(config, directory, env)
+            ours.append(ready_s)
+            running.append(running_s)
             imports.append(await asyncio.to_thread(_import_s, env))
     ready, floor = statistics.median(ours), statistics.median(base)
     import_s, bare_s = statistics.median(imports), statistics.median(bare)
+    running_s = statistics.median(running)
     print(f"exec -> READY=1, radio bluez, {pending} pending readings of ~{payload_bytes} B, "
           f"median of {starts}")
     print(f"  baseline python -c 'import asyncio, sqlite3': {floor:.3f} s"
@@ -194,7 +205,8 @@ async def run(*, quick: bool = False) -> dict[str, Any]:
     print(f"  ours rpm-gateway run:                        {ready:.3f} s"
           f"  (goal <= {GOAL_S} s; importing the agent: {import_s:.3f} s)")
     print(f"  ratio ours/baseline:                         {ready / floor:.2f}")
-    print(f"  (one start without a bytecode cache, environment as given: {cold:.3f} s)")
+    print(f"  (exec -> radio tried, everything loaded: {running_s:.3f} s; one start without a "
+          f"bytecode cache, environment as given: {cold:.3f} s to READY)")
     return {
         "ready_s": round(ready, 3),
         "import_s": round(import_s, 3),
@@ -204,5 +216,7 @@ async def run(*, quick: bool = False) -> dict[str, Any]:
             "baseline": "python -c 'import asyncio, sqlite3'", "python_pass_s": round(bare_s, 3),
             "ratio": round(ready / floor, 3), "import_runs_s": [round(s, 3) for s in imports],
             "goal_s": GOAL_S, "ready_without_bytecode_cache_s": round(cold, 3),
+            "running_s": round(running_s, 3), "running_runs_s": [round(s, 3) for s in running],
+            "ready_min_s": round(min(ours), 3), "baseline_min_s": round(min(base), 3),
         },
     }

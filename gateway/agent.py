@@ -14,36 +14,34 @@ import statistics
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bleak import BleakScanner
-from bleak.backends.device import BLEDevice
-from bleak.backends.scanner import AdvertisementData
-
-from drivers import registry as drivers
-from drivers.base import DeviceInfo, Driver, Measurement, StorageUnavailableError
-from drivers.standard_profile import CombinedDriver
-from gateway import technician
-from gateway.ble.adapter_control import AdapterControlError
-from gateway.ble.errors import AdapterBusyError, BondLostError, SessionError
-from gateway.ble.radio import Radio, open_radio
 from gateway.ble.recovery import RecoveryLadder, Step
 from gateway.ble.scan_gate import ScanGate
-from gateway.ble.session import SessionContext, run_session
 from gateway.config import DeviceBinding, GatewayConfig
-from gateway.control import ControlServer, OpError
 from gateway.days import current_days
 from gateway.hub_state import hold_agent_lock, write_snapshot
-from gateway.intake import belongs_to, build_reading, commit
 from gateway.lograte import StateLog
 from gateway.outbox import Outbox, OutboxError, PutResult
 from gateway.pairings import RegistryError, open_pairings
 from gateway.sd_notify import Notifier
 from gateway.status import HubStatus
-from gateway.technician import BUSY_WAIT_S, EXIT_TEMPFAIL
 from gateway.timebase import hub_clock_plausible, hub_clock_synced
-from gateway.uplink import Uplink
 from gateway.uplink_health import BrokerState
+
+# What READY=1 does not wait for is imported after it, where it is first used: the radio
+# (bleak, the drivers, sessions), the uplink (aiomqtt, paho) and the control socket's
+# handlers are a third of the agent's start on a slow hub, and systemd need not wait for
+# them to count the unit as started (the radio and the broker retry for ever anyway).
+if TYPE_CHECKING:
+    from bleak import BleakScanner
+    from bleak.backends.device import BLEDevice
+    from bleak.backends.scanner import AdvertisementData
+
+    from drivers.base import DeviceInfo, Driver, Measurement
+    from gateway.ble.radio import Radio
+    from gateway.ble.session import SessionContext
+    from gateway.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +151,6 @@ class Agent:
 
     async def run(self) -> None:
         """Run until stopped."""
-        drivers.check_unique_names()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -162,8 +159,6 @@ class Agent:
                  self.cfg.hub.id, self.cfg.radio.kind, len(self.pairings))
         notifier = self.notifier
         try:
-            radio_cm = (contextlib.nullcontext(self._radio) if self._radio is not None
-                        else open_radio(self.cfg.radio, self.cfg.hub.zone))
             async with Outbox(self.cfg.outbox_path, self.cfg.outbox) as outbox, \
                     contextlib.AsyncExitStack() as stack:
                 self.outbox = outbox
@@ -171,14 +166,21 @@ class Agent:
                 lock_fd = await asyncio.to_thread(hold_agent_lock, self.cfg.hub.data_dir)
                 if lock_fd is not None:
                     stack.callback(os.close, lock_fd)
-                self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self._status_dict)
-                self._report_recovery(outbox)
-                self._publish_registry_events()  # journalled while no agent ran
                 # Config, pairing registry and outbox are open: every reading from here on is
                 # kept. The radio and the broker are not waited for: both retry for ever, and
                 # a unit that is not "started" until the clinic answers would hold up boot.
                 notifier.ready(self._systemd_status())
-                radio = await stack.enter_async_context(radio_cm)
+                from drivers import registry as drivers  # noqa: PLC0415 (after READY)
+                from gateway.ble.radio import open_radio  # noqa: PLC0415
+                from gateway.uplink import Uplink  # noqa: PLC0415
+
+                drivers.check_unique_names()
+                self.uplink = Uplink(self.cfg.mqtt, self.cfg.hub.id, outbox, self._status_dict)
+                self._report_recovery(outbox)
+                self._publish_registry_events()  # journalled while no agent ran
+                radio = await stack.enter_async_context(
+                    contextlib.nullcontext(self._radio) if self._radio is not None
+                    else open_radio(self.cfg.radio, self.cfg.hub.zone))
                 self._radio_open = radio
                 try:
                     async with asyncio.TaskGroup() as tg:
@@ -413,6 +415,8 @@ class Agent:
 
     async def _perform(self, radio: Radio, step: Step) -> str | None:
         """Take one step; None if it worked, else why not (never raises but on cancellation)."""
+        from gateway.ble.adapter_control import AdapterControlError  # noqa: PLC0415
+
         if step is Step.RESTART_DISCOVERY:
             return await self._restart_discovery()
         error: str | None = None
@@ -495,6 +499,8 @@ class Agent:
 
     def _driver_for(self, device: BLEDevice, adv: AdvertisementData,
                     binding: DeviceBinding | None) -> Driver | None:
+        from drivers import registry as drivers  # noqa: PLC0415
+
         address = device.address.upper()
         found = drivers.match_all(device, adv)
         if binding is not None and binding.driver:
@@ -515,6 +521,10 @@ class Agent:
 
     async def _session(self, radio: Radio, device: BLEDevice, binding: DeviceBinding,
                        driver: Driver) -> None:
+        from drivers.base import StorageUnavailableError  # noqa: PLC0415
+        from gateway.ble.errors import AdapterBusyError, BondLostError, SessionError  # noqa: PLC0415
+        from gateway.ble.session import SessionContext, run_session  # noqa: PLC0415
+
         address = device.address.upper()
         entry = self.status.device(address)
         synced = self._clock_synced()
@@ -613,6 +623,9 @@ class Agent:
     async def _commit(self, m: Measurement, ctx: SessionContext, address: str,
                       binding: DeviceBinding, driver: Driver, synced: bool) -> bool:
         """Store one measurement; False when it is not the bound patient's (stored unattributed)."""
+        from drivers.standard_profile import CombinedDriver  # noqa: PLC0415
+        from gateway.intake import belongs_to, build_reading, commit  # noqa: PLC0415
+
         assert self.outbox is not None
         # Unpaired or re-bound while the session ran: not the session's patient any more.
         attributed = self.pairings.lookup(address) == binding and belongs_to(binding, m)
@@ -755,6 +768,8 @@ class Agent:
 
     async def get_radio(self) -> Radio:
         """The agent's own radio."""
+        from gateway.control import OpError  # noqa: PLC0415
+
         if self._radio_open is None:
             raise OpError("the agent's radio is not open yet; try again in a moment", 69)
         return self._radio_open
@@ -767,6 +782,9 @@ class Agent:
     @contextlib.asynccontextmanager
     async def exclusive(self, address: str) -> AsyncIterator[None]:
         """Keep the agent's own sessions off `address` while a technician pairs or unpairs it."""
+        from gateway.control import OpError  # noqa: PLC0415
+        from gateway.technician import BUSY_WAIT_S, EXIT_TEMPFAIL  # noqa: PLC0415
+
         address = address.upper()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BUSY_WAIT_S
@@ -825,6 +843,9 @@ class Agent:
 
     async def _serve_control(self) -> None:
         """Answer `rpm-gateway` commands on the control socket while the agent runs."""
+        from gateway import technician  # noqa: PLC0415
+        from gateway.control import ControlServer  # noqa: PLC0415
+
         path = self.cfg.hub.control_socket
         try:
             async with ControlServer(path, technician.handlers(self)):
