@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
@@ -27,20 +26,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import ValidationError
-
 from gateway.config import MqttConfig
-from gateway.messages import (
-    BrokerReport,
-    UnknownEventError,
-    event_message,
-    offline_message,
-    why_invalid,
-)
+from gateway.messages import BrokerReport, offline_message
 from gateway.outbox import Outbox, OutboxError, Pending
 from gateway.uplink_client import MqttLink, Will, open_client
-from gateway.uplink_codes import describe
 from gateway.uplink_credentials import load_credentials
 from gateway.uplink_drain import AckBook, Drain, DrainCounts
 from gateway.uplink_errors import (
@@ -55,6 +44,7 @@ from gateway.uplink_errors import (
 )
 from gateway.uplink_health import SLOW_STATES, BrokerHealth, BrokerState, backoff
 from gateway.uplink_quarantine import QuarantineBook
+from gateway.uplink_status import Announcer
 
 __all__ = [
     "AuthRefusedError",
@@ -77,8 +67,6 @@ EVENT_QUEUE_SIZE = 200
 # A stored reading may cut a reconnect wait short, but at most this often: a device replaying
 # its memory must not turn the backoff into a tight loop against a dead broker.
 EARLY_RETRY_MIN_INTERVAL_S = 5.0
-# Time allowed to say "offline" and disconnect cleanly when the agent shuts down.
-_GOODBYE_TIMEOUT_S = 2.0
 # Said once, when 3.1.1 is in use: it is why MQTT 5 is the default.
 _V311_BLIND = (
     "uplink to %s: using MQTT 3.1.1 (%s); on 3.1.1 the broker acknowledges a reading it refuses "
@@ -96,6 +84,7 @@ class UplinkCounters:
     reconnects: int  # connection attempts after a failure or a lost connection
     events_dropped: int  # events dropped because the in-memory event queue was full
     quarantined: int = 0  # readings quarantined (refused for good, or over the packet size limit)
+    marks: int = 0  # transactions that marked acknowledged readings delivered
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -124,7 +113,6 @@ class Uplink:
         self._outbox = outbox
         self._status = status
         self._client_id = client_id or cfg.client_id or f"rpm-gateway-{hub_id}"
-        self._status_interval_s = status_interval_s
         self._where = f"{cfg.host}:{cfg.port}"
         # The broker said (CONNACK) that it does not speak MQTT 5, or the config says so.
         self._v5_refused = cfg.protocol == "3.1.1"
@@ -132,10 +120,11 @@ class Uplink:
         self._connected = False
         self._last_error: str | None = None
         self._said_once = False
-        self._status_wanted = asyncio.Event()
-        self._events: deque[bytes] = deque()
-        self._event_queue_size = event_queue_size
-        self._events_ready = asyncio.Event()
+        self._announcer = Announcer(
+            hub_id, self.topic, status, self.broker_status,
+            publish_timeout_s=cfg.publish_timeout_s, event_queue_size=event_queue_size,
+            interval_s=status_interval_s,
+        )
         self._acks = AckBook(outbox)
         self._counts = DrainCounts()
         self._wake = asyncio.Event()
@@ -145,12 +134,16 @@ class Uplink:
         self._reconnects = 0
         self._connects = 0
         self._connected_at = 0.0
-        self._events_dropped = 0
 
     @property
     def connected(self) -> bool:
         """Whether a connection to the broker is established right now."""
         return self._connected
+
+    @property
+    def _events(self) -> deque[bytes]:
+        # The queued event payloads (read by the contract tests).
+        return self._announcer.events
 
     @property
     def counters(self) -> UplinkCounters:
@@ -160,8 +153,9 @@ class Uplink:
             acked=self._counts.acked,
             rejected=self._counts.rejected,
             reconnects=self._reconnects,
-            events_dropped=self._events_dropped,
+            events_dropped=self._announcer.events_dropped,
             quarantined=self._quarantine.count,
+            marks=self._acks.transactions,
         )
 
     @property
@@ -196,7 +190,7 @@ class Uplink:
 
     def status_changed(self) -> None:
         """Publish the status now (the agent asks after every session and once a minute)."""
-        self._status_wanted.set()
+        self._announcer.status_changed()
 
     def reading_stored(self) -> None:
         """A reading was committed: while waiting to reconnect, try now (rate-limited)."""
@@ -216,25 +210,7 @@ class Uplink:
         The message is built through its model (gateway.messages.EVENTS): an event that is not
         declared there, or whose detail does not fit it, is logged as an error and not sent.
         """
-        try:
-            payload = event_message(self._hub_id, name, detail, at)
-        except UnknownEventError as e:
-            log.error("uplink: %s; not published", e)
-            return
-        except ValidationError as e:
-            log.error("uplink: event %s does not fit its schema (%s); not published", name,
-                      why_invalid(e))
-            return
-        if len(self._events) >= self._event_queue_size:
-            self._events.popleft()
-            self._events_dropped += 1
-            log.warning(
-                "uplink: event queue full (%d); dropped the oldest event, %d dropped so far",
-                self._event_queue_size,
-                self._events_dropped,
-            )
-        self._events.append(payload)
-        self._events_ready.set()
+        self._announcer.queue_event(name, detail, at)
 
     async def run(self) -> None:
         """Connect, publish status, drain the outbox; reconnect with jittered backoff; until cancelled."""
@@ -341,13 +317,13 @@ class Uplink:
         return await open_client(self._cfg, self._client_id, will, password, tls, v311=True)
 
     async def _serve(self, client: MqttLink) -> None:
-        await self._publish_status(client)
+        await self._announcer.publish_status(client)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(client))
                 tg.create_task(self._acks.writer())
-                tg.create_task(self._status_loop(client))
-                tg.create_task(self._events_loop(client))
+                tg.create_task(self._announcer.status_loop(client))
+                tg.create_task(self._announcer.events_loop(client))
                 drain = Drain(
                     client, self._outbox, topic=self.topic, inflight=self._cfg.inflight,
                     publish_timeout_s=self._cfg.publish_timeout_s, counts=self._counts,
@@ -386,77 +362,10 @@ class Uplink:
             await self.publish_event("reading_quarantined", {"seq": item.seq, "reason": reason})
             self.status_changed()
 
-    async def _publish(
-        self, client: MqttLink, topic: str, payload: bytes, *, retain: bool = False,
-    ) -> ReasonCode:
-        try:
-            async with asyncio.timeout(self._cfg.publish_timeout_s):
-                return await client.publish_acked(topic, payload, retain=retain)
-        except TimeoutError as e:
-            raise PublishTimeoutError(
-                f"no PUBACK within {self._cfg.publish_timeout_s}s on {topic}"
-            ) from e
-
     def _status_payload(self) -> bytes:
         """The online status: the provider's report (gateway.status), `broker` and `state`."""
-        try:
-            status = dict(self._status())
-        except Exception:
-            # A broken status provider must not stop readings from being delivered.
-            log.exception("uplink: the status provider failed; publishing a minimal status")
-            status = {}
-        return json.dumps(
-            {"hub_id": self._hub_id, **status, "broker": self.broker_status(), "state": "online"},
-            default=str,
-        ).encode()
-
-    async def _publish_status(self, client: MqttLink, *, offline: bool = False) -> None:
-        payload = offline_message(self._hub_id, "stopped") if offline else self._status_payload()
-        if not client.fits(self.topic("status"), payload):
-            log.warning("uplink: status (%d bytes) exceeds the broker's maximum packet size %s; "
-                        "not sent", len(payload), client.max_packet_size)
-            return
-        rc = await self._publish(client, self.topic("status"), payload, retain=True)
-        if rc.is_failure:
-            log.warning("uplink: broker refused the status message (%s)", describe(rc))
-
-    async def _status_loop(self, client: MqttLink) -> None:
-        # The status is published on connecting and whenever the owner asks (status_changed):
-        # the agent's housekeeping asks once a minute with the outbox figures it has just read,
-        # so a second timer here would only publish the same status again. `status_interval_s`
-        # is for an uplink used without such an owner.
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._status_interval_s):
-                    await self._status_wanted.wait()
-            self._status_wanted.clear()
-            await self._publish_status(client)
-
-    async def _events_loop(self, client: MqttLink) -> None:
-        while True:
-            while not self._events:
-                await self._events_ready.wait()
-                self._events_ready.clear()
-            payload = self._events.popleft()
-            if not client.fits(self.topic("events"), payload):
-                log.warning("uplink: an event (%d bytes) exceeds the broker's maximum packet "
-                            "size %s; dropped", len(payload), client.max_packet_size)
-                continue
-            try:
-                rc = await self._publish(client, self.topic("events"), payload)
-            except BaseException:
-                # Not answered: keep it for the next connection (the queue may have filled meanwhile).
-                if len(self._events) < self._event_queue_size:
-                    self._events.appendleft(payload)
-                else:
-                    self._events_dropped += 1
-                raise
-            if rc.is_failure:
-                log.warning("uplink: broker refused an event (%s); dropped", describe(rc))
+        return self._announcer.status_payload()
 
     async def _goodbye(self, client: MqttLink) -> None:
-        # A clean DISCONNECT suppresses the last will, so say "offline" ourselves first.
-        with contextlib.suppress(UplinkError, TimeoutError):
-            async with asyncio.timeout(_GOODBYE_TIMEOUT_S):
-                await self._publish_status(client, offline=True)
+        await self._announcer.goodbye(client)
         log.info("uplink to %s: shut down", self._where)
