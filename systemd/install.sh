@@ -8,6 +8,9 @@
 # Idempotent: running it again upgrades in place. It never deletes or rewrites
 # /var/lib/rpm-gateway (outbox.db, pairings.json) nor an existing /etc/rpm-gateway/gateway.toml.
 set -euo pipefail
+# A hardened root umask (027, 077) would leave the venv and parent directories unreadable to
+# the service user; every mode that matters is set explicitly below.
+umask 022
 
 SERVICE_USER=rpm-gateway
 PREFIX=/opt/rpm-gateway
