@@ -162,6 +162,9 @@ class MqttLink:
         self._loop.call_soon_threadsafe(self._watch_socket, sock.fileno())
 
     def _watch_socket(self, fd: int) -> None:
+        if self._closed.done():  # abandoned (cancelled, timed out) while connect() ran
+            self._abandon()
+            return
         self._fd = fd
         self._loop.add_reader(fd, self._readable)
         self._misc = self._loop.create_task(self._misc_loop(), name="mqtt keepalive")
@@ -219,6 +222,13 @@ class MqttLink:
         try:
             # paho's own connect timeout (5 s) bounds the TCP connect and the TLS handshake.
             await asyncio.to_thread(self._paho.connect, cfg.host, cfg.port, cfg.keepalive_s)
+        except (OSError, ValueError) as e:  # refused, unreachable, TLS (socket timeouts too)
+            self._abandon()
+            raise ConnectError(f"cannot connect: {e}") from e
+        except BaseException:  # cancelled: the agent is stopping
+            self._abandon()
+            raise
+        try:
             async with asyncio.timeout(cfg.publish_timeout_s):
                 waits: set[asyncio.Future[Any]] = {self._connack, self._closed}
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -230,9 +240,9 @@ class MqttLink:
             if self.v5 and cfg.protocol == "auto":
                 hint = ' (a broker that ignores MQTT 5 needs mqtt.protocol = "3.1.1")'
             raise ConnectError(f"no CONNACK within {cfg.publish_timeout_s}s{hint}") from e
-        except (OSError, ValueError) as e:
+        except BaseException:
             self._abandon()
-            raise ConnectError(f"cannot connect: {e}") from e
+            raise
         if self._connack not in done:
             self._abandon()
             raise ConnectError(f"cannot connect: connection closed before CONNACK "
