@@ -1,4 +1,5 @@
-"""The unit's system-call allow list holds what the agent really calls on the hub's path.
+"""The unit's system-call allow list and MemoryDenyWriteExecute= hold what the agent really
+does on the hub's path.
 
 The unit's ExecStart= line (config check, then `exec rpm-gateway run`) runs under strace on
 the BlueZ tier, with the hub clock left to the kernel (adjtimex), until readings are
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -38,14 +40,26 @@ pytestmark = [
 ROOT_ONLY = {"chown", "fchown", "fchownat", "lchown"}
 
 
-def traced_names(summary: Path) -> set[str]:
-    """System call names from `strace -c` output."""
-    names = set()
-    for line in summary.read_text().splitlines():
-        fields = line.split()
-        if fields and fields[-1].isidentifier() and fields[-1] != "total" and fields[0][0].isdigit():
-            names.add(fields[-1])
-    return names
+# `strace -f` lines: "PID name(args..." or "PID <... name resumed>...".
+CALL = re.compile(r"^\d+\s+(?:<\.\.\. )?([a-z_0-9]+)(?:\(| resumed>)")
+
+
+def traced_names(trace: Path) -> set[str]:
+    """System call names in a `strace -f -o` trace."""
+    return {m[1] for line in trace.read_text().splitlines() if (m := CALL.match(line))}
+
+
+def write_and_execute(trace: Path) -> list[str]:
+    """Calls MemoryDenyWriteExecute= refuses (systemd 252's seccomp form): a mapping both
+    writable and executable, or making any mapping executable afterwards."""
+    bad = []
+    for line in trace.read_text().splitlines():
+        m = CALL.match(line)
+        if not m or "PROT_EXEC" not in line:
+            continue
+        if (m[1] == "mmap" and "PROT_WRITE" in line) or m[1] in ("mprotect", "pkey_mprotect"):
+            bad.append(line)
+    return bad
 
 
 async def test_everything_the_agent_calls_on_the_bluez_path_is_allowed(
@@ -62,15 +76,15 @@ async def test_everything_the_agent_calls_on_the_bluez_path_is_allowed(
     agent = f"{shlex.quote(sys.executable)} -m gateway.cli"
     start = [a.replace(AGENT, agent).replace("/etc/rpm-gateway/gateway.toml", str(config))
              for a in command("Service.ExecStart")]
-    summary = tmp_path / "strace.txt"
+    trace = tmp_path / "strace.txt"
     readings = await mqtt_subscriber(mosquitto, "rpm/hub-sys/readings")
     async with simulate_bluez("--devices", "scale,cuff", "--readings", "2", "--interval", "1",
                               "--bonding") as (_, address):
         with use_as_system_bus(address):
             # strace -o FILE PROG blocks fatal signals for itself (-I3): SIGTERM to the group
-            # reaches the agent, which stops cleanly, and strace then writes its summary.
+            # reaches the agent, which stops cleanly, and strace follows it out.
             proc = await asyncio.create_subprocess_exec(
-                "strace", "-f", "-qq", "-c", "-o", str(summary), *start,
+                "strace", "-f", "-qq", "-o", str(trace), *start,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True)
             try:
                 await readings.wait_for(4, timeout=90)
@@ -80,7 +94,9 @@ async def test_everything_the_agent_calls_on_the_bluez_path_is_allowed(
     log = err.decode()
     assert proc.returncode == 0, log
     assert "Traceback" not in log
-    used = traced_names(summary)
-    assert {"connect", "sendmsg", "recvmsg"} & used  # it did trace the agent's work
+    used = traced_names(trace)
+    assert {"connect", "execve", "clock_adjtime"} <= used  # it did trace the agent's work
     missing = (used - ROOT_ONLY) - unit_syscall_allow_list()
     assert not missing, f"called but not in the unit's SystemCallFilter=: {sorted(missing)}"
+    # MemoryDenyWriteExecute=yes: nothing in the venv on this path generates code.
+    assert write_and_execute(trace) == []
