@@ -5,9 +5,12 @@ Why it is shaped so (issue 8): the outbox has one thread. A drain that fetched o
 then waited for it ran in lock-step with the fsync'd COMMIT of the previous marks, and the event
 loop sat idle a sixth of the time. Here the next rows are asked for as soon as a batch arrives
 (``FETCH_ROWS`` at a time, a query every several windows instead of every window), and marks are
-written by one writer that takes every seq acknowledged since its previous COMMIT: one
-transaction per burst of PUBACKs, never one per reading, and never a seq whose PUBACK has not
-arrived with a success code.
+written by one writer that lets acknowledged seqs gather for ``MARK_GATHER_S`` and marks them
+all in one transaction: a 20,000-reading backlog took 679 fsync'd mark transactions without the
+gathering, which kept the outbox thread busy the whole drain and the fetches waiting behind
+them, and 22 with it (bench/drain.py: 2.6 s -> 1.7 s). A seq whose PUBACK has not arrived with
+a success code is never marked. The price: a reading the broker took up to that long before a
+`kill -9` is sent again after the restart, a duplicate (same reading_id), never a loss.
 
 There is no task, semaphore or timer per reading: a PUBACK is handled in paho's callback (on the
 event loop), and one watchdog ends the connection when the oldest unanswered reading has waited
@@ -41,6 +44,11 @@ FETCH_ROWS = 200
 """Rows asked of the outbox at a time (at least one window): ~200 KB of typical readings."""
 
 
+MARK_GATHER_S = 0.05
+"""How long the mark writer lets acknowledged seqs gather before one transaction marks them."""
+
+
+
 @dataclass(slots=True)
 class DrainCounts:
     """Counts since the uplink was created (kept across connections)."""
@@ -62,6 +70,9 @@ class AckBook:
     seqs: list[int] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     transactions: int = 0
+    # One flush at a time (the writer, the drain going idle, the session's end): a second one
+    # waits and marks only what the first did not take, instead of marking the same seqs twice.
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def add(self, seq: int) -> None:
         """A PUBACK with a success code arrived for this seq."""
@@ -72,21 +83,25 @@ class AckBook:
         """Mark acknowledged seqs until cancelled: one transaction for all that arrived meanwhile."""
         while True:
             await self.ready.wait()
+            # Let a burst of PUBACKs gather: one fsync'd transaction for a backlog's many
+            # windows, and the outbox thread free for the drain's next fetch meanwhile.
+            await asyncio.sleep(MARK_GATHER_S)
             self.ready.clear()
             await self.flush()
 
     async def flush(self) -> None:
         """Mark every seq acknowledged so far (one transaction)."""
-        seqs = list(self.seqs)
-        if not seqs:
-            return
-        try:
-            await self.outbox.mark_delivered(seqs)
-            self.transactions += 1
-        except OutboxError as e:
-            # They stay pending and are sent again: a duplicate (same reading_id), not a loss.
-            log.error("uplink: could not mark %d reading(s) delivered: %s", len(seqs), e)
-        del self.seqs[: len(seqs)]
+        async with self._lock:
+            seqs = list(self.seqs)
+            if not seqs:
+                return
+            try:
+                await self.outbox.mark_delivered(seqs)
+                self.transactions += 1
+            except OutboxError as e:
+                # They stay pending and are sent again: a duplicate (same reading_id), not a loss.
+                log.error("uplink: could not mark %d reading(s) delivered: %s", len(seqs), e)
+            del self.seqs[: len(seqs)]
 
 
 @dataclass(slots=True)
