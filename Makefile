@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck unit mosquitto faketime dbus schema clean faults faults-long bench
+.PHONY: venv demo test lint typecheck unit mosquitto faketime dbus hubtools schema clean faults faults-long bench
 
 venv: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/rpm-gateway demo
 
-test: venv mosquitto faketime dbus lint typecheck
+test: venv mosquitto faketime dbus hubtools lint typecheck
 	$(BIN)/pytest -q
 
 lint: venv
@@ -45,6 +45,21 @@ faketime:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime; \
 	else \
 	  echo "the clock fault row needs libfaketime: sudo apt-get install faketime"; \
+	fi
+
+# The unit's tests: systemd-analyze (verify, security), shellcheck (install.sh), strace (the
+# unit's system-call list against the agent's calls). Without them those tests skip.
+hubtools:
+	@missing=""; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v shellcheck >/dev/null 2>&1 || missing="$$missing shellcheck"; \
+	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing$$missing with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else \
+	  echo "the systemd unit's tests skip without:$$missing (sudo apt-get install$$missing)"; \
 	fi
 
 # Benchmarks against baselines measured in the same run; writes bench/results.json.
