@@ -13,6 +13,12 @@ broker's Maximum Packet Size, is quarantined in the outbox (kept, retried every
 MQTT 5 is used unless the config says 3.1.1, or (``protocol = "auto"``) the broker's CONNACK says
 it does not speak version 5. Never on a mere timeout: on 3.1.1 a broker acknowledges a PUBLISH it
 refuses (ACL), so refused readings would be marked delivered and lost.
+
+This module is the connection's life: connect (with that fallback), reconnect with full-jitter
+backoff, the broker's state. The pieces: gateway/uplink_client.py (one connection: paho-mqtt on
+this event loop, TLS, CONNACK errors), uplink_drain.py (the readings: fetch ahead, window,
+PUBACK, batched marks), uplink_status.py (retained status, events, the clean stop's offline),
+uplink_credentials.py, uplink_health.py, uplink_quarantine.py, uplink_codes.py.
 """
 
 from __future__ import annotations
