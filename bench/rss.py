@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway.broker import LocalBroker
+from gateway.sim.bluez.bus import PrivateBus
 
 SCALE = "C0:00:00:00:5C:01"
 CUFF = "C0:00:00:00:BC:01"
 GOAL_IDLE_MB = 40.0
 GOAL_GROWTH_MB = 1.0
+ZONES = ("UTC", "Asia/Tokyo", "America/New_York", "Australia/Sydney")
 
 
 def rss_mb(pid: int) -> float:
@@ -50,11 +52,16 @@ def _bytecode_env() -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def _simulate(stored: int) -> AsyncIterator[str]:
-    """`rpm-gateway simulate --bluez`, scale and cuff holding `stored` readings each; its bus."""
+async def _simulate(stored: int, bus: str, zone: str = "UTC") -> AsyncIterator[str]:
+    """`rpm-gateway simulate --bluez` on `bus`, scale and cuff holding `stored` readings each.
+
+    `zone`: the zone the device clocks are in; another zone gives the same walk of values other
+    time stamps, so other readings (the stored history cannot go back more than ~3,000 days).
+    """
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "simulate", "--bluez", "--devices", "scale,cuff",
-        "--stored", str(stored), "--readings", "0", "--log-level", "error",
+        sys.executable, "-m", "gateway.cli", "simulate", "--bluez", "--bus-address", bus,
+        "--devices", "scale,cuff", "--stored", str(stored), "--readings", "0",
+        "--timezone", zone, "--log-level", "error",
         stdout=asyncio.subprocess.PIPE, env=_bytecode_env())
     try:
         assert proc.stdout is not None
@@ -88,6 +95,9 @@ port = {broker.port}
 kind = "bluez"
 quiet_s = 1.0
 session_timeout_s = 3600
+# Between rounds the stand-in is replaced; the agent then took the ladder's default 300 s of
+# silence to hear the new one (see the report of issue 8): not what this measures.
+scan_silence_s = 5
 [[devices]]
 address = "{SCALE}"
 patient_id = "patient-bench"
@@ -134,8 +144,8 @@ def _counts(db: Path) -> tuple[int, int]:
 
 
 async def _idle(directory: Path, samples: int) -> tuple[float, list[float]]:
-    async with LocalBroker("mosquitto") as broker, _simulate(0) as bus, \
-            _agent(directory, broker, bus) as (proc, sock):
+    async with LocalBroker("mosquitto") as broker, PrivateBus() as bus, \
+            _simulate(0, bus.address), _agent(directory, broker, bus.address) as (proc, sock):
         await _until_status(sock, "broker connected", "radio ok")
         await asyncio.sleep(2)  # the first status publish and registry checks are behind it
         got = []
@@ -148,18 +158,24 @@ async def _idle(directory: Path, samples: int) -> tuple[float, list[float]]:
 async def _growth(directory: Path, readings: int) -> dict[str, Any]:
     db = directory / "state" / "outbox.db"
     trace: list[tuple[float, int, int, float]] = []  # (s, stored, delivered, MiB)
-    async with LocalBroker("mosquitto") as broker, _simulate(readings // 2) as bus, \
-            _agent(directory, broker, bus) as (proc, sock):
-        await _until_status(sock, "broker connected")
+    async with LocalBroker("mosquitto") as broker, PrivateBus() as bus, \
+            _agent(directory, broker, bus.address) as (proc, sock):
         t0 = time.monotonic()
-        async with asyncio.timeout(1800):
-            while True:
-                stored, delivered = await asyncio.to_thread(_counts, db)
-                trace.append((round(time.monotonic() - t0, 1), stored, delivered,
-                              round(rss_mb(proc.pid), 2)))
-                if delivered >= readings:
-                    break
-                await asyncio.sleep(0.5)
+        # Rounds of 2,500 readings per device (a stand-in whose devices hold more would be a
+        # different simulator); between rounds bluetoothd "restarts" under the agent.
+        per_round = min(readings // 2, 2500)
+        for n, zone in enumerate(ZONES[:max(1, readings // (2 * per_round))]):
+            async with _simulate(per_round, bus.address, zone):
+                if n == 0:
+                    await _until_status(sock, "broker connected")
+                async with asyncio.timeout(600):
+                    while True:
+                        stored, delivered = await asyncio.to_thread(_counts, db)
+                        trace.append((round(time.monotonic() - t0, 1), stored, delivered,
+                                      round(rss_mb(proc.pid), 2)))
+                        if delivered >= (n + 1) * 2 * per_round:
+                            break
+                        await asyncio.sleep(0.1)
         await asyncio.sleep(3)  # settled: sessions over, marks committed
         final = rss_mb(proc.pid)
     at_first = next(mb for _, stored, _, mb in trace if stored >= readings // 10)
