@@ -20,6 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.base import ClockCheck, DeviceInfo
 from drivers.blood_pressure import decode_bp
@@ -101,7 +102,7 @@ def _baseline(broker: LocalBroker, topic: str, payloads: list[bytes], inflight: 
         if acked == len(payloads):
             done.set()
 
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-paho",
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-paho",
                          protocol=paho.MQTTv5)
     client.max_inflight_messages_set(inflight)
     client.on_connect = on_connect

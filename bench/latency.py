@@ -30,6 +30,7 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
@@ -58,7 +59,7 @@ async def _subscriber(broker: LocalBroker, key: str) -> AsyncIterator[dict[str, 
             ready.set()
             async for message in client.messages:
                 now = time.time()
-                arrivals.setdefault(json.loads(bytes(message.payload))[key], now)  # type: ignore[arg-type]
+                arrivals.setdefault(json.loads(bytes(message.payload))[key], now)
 
     task = asyncio.create_task(listen())
     try:
@@ -142,7 +143,7 @@ def _all_arrived(ledger: Path, readings: int, arrivals: dict[str, float]) -> boo
 async def _baseline(payloads: list[bytes], interval: float) -> list[float]:
     """Milliseconds from paho's publish call to arrival, same broker, same rate, QoS 1."""
     async with LocalBroker("mosquitto") as broker, _subscriber(broker, "n") as arrivals:
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-pub",
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub",
                              protocol=paho.MQTTv5)
         connected = threading.Event()
         client.on_connect = lambda *_: connected.set()
