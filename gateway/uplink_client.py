@@ -183,7 +183,15 @@ class MqttLink:
         if threading.get_ident() == self._loop_thread:
             self._loop.add_writer(sock.fileno(), self._writable)
         else:
-            self._loop.call_soon_threadsafe(self._loop.add_writer, sock.fileno(), self._writable)
+            self._loop.call_soon_threadsafe(self._add_writer_if_open, sock)
+
+    def _add_writer_if_open(self, sock: Any) -> None:
+        # Queued from connect()'s thread: the connect may have been abandoned (and its socket
+        # closed) meanwhile, and the fd number reused by another part of the process.
+        fd: int = sock.fileno()
+        if self._closed.done() or sock is not self._paho.socket() or fd < 0:
+            return
+        self._loop.add_writer(fd, self._writable)
 
     def _on_unregister_write(self, _c: paho.Client, _u: Any, sock: Any) -> None:
         self._loop.remove_writer(sock.fileno())
