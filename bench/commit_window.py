@@ -13,27 +13,18 @@ with the same journal settings and nothing else running: the floor the window ca
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from bench._common import SCALE, pct, simulate
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.config import parse_config
 from gateway.sim.ledger import read_ledger
-
-SCALE = "C0:00:00:00:5C:01"
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _baseline(payloads: list[bytes], directory: Path) -> list[float]:
@@ -53,28 +44,12 @@ def _baseline(payloads: list[bytes], directory: Path) -> list[float]:
     return out
 
 
-@contextlib.asynccontextmanager
-async def _simulate(stored: int, ledger: Path) -> AsyncIterator[str]:
-    """`rpm-gateway simulate` with a scale holding `stored` readings; yields its link."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "simulate", "--devices", "scale", "--stored",
-        str(stored), "--readings", "0", "--listen", "127.0.0.1:0", "--ledger", str(ledger),
-        stdout=asyncio.subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(60):
-            line = (await proc.stdout.readline()).decode().split()
-        yield line[1]
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
-
 async def _ours(readings: int, directory: Path) -> tuple[list[float], list[bytes]]:
     directory.mkdir(parents=True)  # noqa: ASYNC240 (before anything runs)
     ledger = directory / "ledger.jsonl"
-    async with LocalBroker("mosquitto") as broker, _simulate(readings, ledger) as link:
+    device = ("--devices", "scale", "--stored", str(readings), "--readings", "0",
+              "--listen", "127.0.0.1:0", "--ledger", str(ledger))
+    async with LocalBroker("mosquitto") as broker, simulate(*device) as link:
         cfg = parse_config(f"""
 log_level = "warning"
 [hub]
@@ -114,8 +89,8 @@ async def run(*, quick: bool = False) -> dict[str, Any]:
         base = await asyncio.to_thread(_baseline, payloads, Path(tmp))
     ours_ms = [w * 1000 for w in ours]
     base_ms = [w * 1000 for w in base]
-    p50, p99 = statistics.median(ours_ms), _pct(ours_ms, 0.99)
-    b50, b99 = statistics.median(base_ms), _pct(base_ms, 0.99)
+    p50, p99 = statistics.median(ours_ms), pct(ours_ms, 0.99)
+    b50, b99 = statistics.median(base_ms), pct(base_ms, 0.99)
     print(f"commit window over {len(ours_ms)} readings (callback -> commit returned)")
     print(f"  baseline bare SQLite commit: p50 {b50:.3f} ms  p99 {b99:.3f} ms")
     print(f"  ours:                        p50 {p50:.3f} ms  p99 {p99:.3f} ms")

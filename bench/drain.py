@@ -11,61 +11,26 @@ the next message on each PUBACK), no storage at all: the floor the uplink cannot
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from drivers.base import ClockCheck, DeviceInfo
-from drivers.blood_pressure import decode_bp
+from bench._common import HUB, cuff_readings, fill
 from gateway.broker import LocalBroker
-from gateway.config import DeviceBinding, MqttConfig, OutboxConfig
-from gateway.intake import build_reading, outbox_item
+from gateway.config import MqttConfig, OutboxConfig
 from gateway.outbox import Outbox, OutboxItem
 from gateway.uplink import Uplink
-
-HUB = "bench-hub"
-CUFF = "C0:00:00:00:BC:01"
-ZONE = ZoneInfo("America/New_York")
-_BATCH = 500  # puts handed over together share one commit: filling the outbox stays quick
-
-
-def readings(n: int) -> list[OutboxItem]:
-    """n distinct blood-pressure readings as the agent stores them (about 1 KB of JSON each)."""
-    binding = DeviceBinding(address=CUFF, patient_id="patient-0001")
-    info = DeviceInfo(manufacturer="Simulated Health", model="SIM-BP1", serial="BP00BC01",
-                      firmware="1.4.2")
-    received = dt.datetime.now(dt.UTC)
-    out = []
-    for i in range(n):
-        # Flags 0x1E: time stamp, pulse, user, status; SFLOAT mmHg; a distinct time per reading.
-        day, minute = divmod(i, 1440)
-        raw = bytes([0x1E, 100 + i % 60, 0, 60 + i % 30, 0, 80 + i % 20, 0, 0xE9, 0x07,
-                     1 + (day // 28) % 12, 1 + day % 28, minute // 60, minute % 60, i % 60,
-                     55 + i % 40, 0, 1, 0, 0])
-        r = build_reading(decode_bp(raw), hub_id=HUB, binding=binding, address=CUFF, info=info,
-                          driver_name="sig_blood_pressure", driver_version="1.0",
-                          clock=ClockCheck(device_time=None, offset_s=2.5, set_ok=True),
-                          received_at=received, zone=ZONE, hub_clock_synced=True)
-        out.append(outbox_item(r, ZONE))
-    return out
-
-
-async def _fill(outbox: Outbox, items: list[OutboxItem]) -> None:
-    for start in range(0, len(items), _BATCH):
-        await asyncio.gather(*(outbox.put(i) for i in items[start:start + _BATCH]))
 
 
 async def _ours(broker: LocalBroker, items: list[OutboxItem], directory: Path) -> dict[str, float]:
     cfg = MqttConfig(host=broker.host, port=broker.port)
     async with Outbox(directory / "outbox.db", OutboxConfig()) as outbox:
-        await _fill(outbox, items)
+        await fill(outbox, items)
         assert (await outbox.stats()).pending == len(items)
         uplink = Uplink(cfg, HUB, outbox, lambda: {"version": "bench"})
         t0 = time.perf_counter()
@@ -126,7 +91,7 @@ def _baseline(broker: LocalBroker, topic: str, payloads: list[bytes], inflight: 
 async def run(*, quick: bool = False) -> dict[str, Any]:
     """Measure both; print baseline, ours and the ratio; return the results' keys."""
     n = 2000 if quick else 20_000
-    items = readings(n)
+    items = cuff_readings(n)
     inflight = MqttConfig().inflight
     topic = f"{MqttConfig().topic_prefix}/{HUB}/readings"
     sizes = sorted(len(i.payload) for i in items)

@@ -23,7 +23,6 @@ on the hub's SD card (an fsync of several ms) it is noise.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import sqlite3
 import statistics
 import tempfile
@@ -31,46 +30,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
-from drivers.base import DeviceInfo
-from drivers.blood_pressure import decode_bp
-from drivers.codec.blood_pressure import (
-    BloodPressureMeasurement,
-    encode_blood_pressure_measurement,
-)
-from drivers.codec.date_time import DateTime
-from drivers.codec.ieee11073 import MedFloat
-from gateway.config import DeviceBinding, OutboxConfig
-from gateway.intake import build_reading, outbox_item
+from bench._common import cuff_readings, fill
+from gateway.config import OutboxConfig
 from gateway.outbox import Outbox, OutboxItem
 
-ZONE = ZoneInfo("America/New_York")
-CUFF = "C0:00:00:00:BC:01"
 BACKLOG = 20_000
-_INFO = DeviceInfo(manufacturer="Simulated Health", model="SIM-BP1", serial="BP00BC01",
-                   firmware="1.4.2", system_id="0102030405060708", battery_level=64)  # fmt: skip
-_BINDING = DeviceBinding(address=CUFF, patient_id="patient-0001")
-
-
-def readings(count: int, *, start: int = 0) -> list[OutboxItem]:
-    """``count`` distinct cuff readings, one a minute, built as the agent builds them."""
-    base = dt.datetime(2026, 12, 2, 8, 0)
-    out = []
-    for n in range(start, start + count):
-        taken = base + dt.timedelta(minutes=n)
-        raw = encode_blood_pressure_measurement(BloodPressureMeasurement(
-            kpa=False, systolic=MedFloat.of(110 + n % 40), diastolic=MedFloat.of(70 + n % 20),
-            mean_arterial=MedFloat.of(90 + n % 15), timestamp=DateTime.from_datetime(taken),
-            pulse_rate=MedFloat.of(60 + n % 30), user_id=1, status=0))  # fmt: skip
-        reading = build_reading(
-            decode_bp(raw), hub_id="bench-hub", binding=_BINDING, address=CUFF, info=_INFO,
-            driver_name="sig_blood_pressure", driver_version="1.0.0", clock=None,
-            received_at=taken.replace(tzinfo=ZONE).astimezone(dt.UTC), zone=ZONE,
-            hub_clock_synced=True,
-        )  # fmt: skip
-        out.append(outbox_item(reading, ZONE))
-    return out
 
 
 def _bare(path: Path) -> sqlite3.Connection:
@@ -106,8 +71,7 @@ def _prefill_bare(path: Path, items: list[OutboxItem]) -> None:
 
 async def _prefill_ours(path: Path, items: list[OutboxItem]) -> None:
     async with Outbox(path, OutboxConfig(max_pending=1_000_000)) as ob:
-        for start in range(0, len(items), 1000):  # concurrent puts: group-committed
-            await asyncio.gather(*(ob.put(i, confirmed=True) for i in items[start:start + 1000]))
+        await fill(ob, items)
 
 
 async def _case(directory: Path, backlog: list[OutboxItem], chunks: list[list[OutboxItem]]
@@ -157,8 +121,8 @@ def _remove(directory: Path, pattern: str) -> None:
 async def run(*, quick: bool = False) -> dict[str, Any]:
     """Measure both cases; print baseline, ours and the ratio; return the results' keys."""
     per_run, chunk = (400, 50) if quick else (3000, 50)
-    backlog = readings(BACKLOG, start=1_000_000)
-    items = readings(per_run)
+    backlog = cuff_readings(BACKLOG, start=1_000_000)
+    items = cuff_readings(per_run)
     chunks = [items[n : n + chunk] for n in range(0, per_run, chunk)]
     figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent, prefix=".bench-") as tmp:

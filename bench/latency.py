@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -32,19 +31,13 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench._common import CUFF, HUB, pct, simulate
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.config import parse_config
 from gateway.sim.ledger import read_ledger
 
-CUFF = "C0:00:00:00:BC:01"
-HUB = "bench-hub"
 TOPIC = f"rpm/{HUB}/readings"
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 @contextlib.asynccontextmanager
@@ -71,30 +64,13 @@ async def _subscriber(broker: LocalBroker, key: str) -> AsyncIterator[dict[str, 
         await asyncio.gather(task, return_exceptions=True)
 
 
-@contextlib.asynccontextmanager
-async def _simulate(readings: int, interval: float, ledger: Path) -> AsyncIterator[str]:
-    """`rpm-gateway simulate` with a cuff taking `readings`, one every `interval`; yields its link."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "simulate", "--devices", "cuff", "--readings",
-        str(readings), "--interval", str(interval), "--listen", "127.0.0.1:0",
-        "--ledger", str(ledger), stdout=asyncio.subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(60):
-            line = (await proc.stdout.readline()).decode().split()
-        yield line[1]
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
-
 async def _ours(readings: int, interval: float, directory: Path) -> list[float]:
     """Milliseconds from the device's reading to its arrival at the subscriber."""
     directory.mkdir(parents=True)  # noqa: ASYNC240 (before anything runs)
     ledger = directory / "ledger.jsonl"
     async with LocalBroker("mosquitto") as broker, _subscriber(broker, "raw") as arrivals, \
-            _simulate(readings, interval, ledger) as link:
+            simulate("--devices", "cuff", "--readings", str(readings), "--interval",
+                     str(interval), "--listen", "127.0.0.1:0", "--ledger", str(ledger)) as link:
         cfg = parse_config(f"""
 log_level = "warning"
 [hub]
@@ -178,9 +154,9 @@ async def run(*, quick: bool = False) -> dict[str, Any]:
         burst = await _ours(burst_n, burst_interval, Path(tmp) / "burst")
         payload = json.dumps({"schema": "rpm-gateway/reading/1", "pad": "x" * 1000}).encode()
         base = await _baseline([payload] * burst_n, burst_interval)
-    s50, s99 = statistics.median(slow), _pct(slow, 0.99)
-    b50, b99 = statistics.median(burst), _pct(burst, 0.99)
-    t50, t99 = statistics.median(base), _pct(base, 0.99)
+    s50, s99 = statistics.median(slow), pct(slow, 0.99)
+    b50, b99 = statistics.median(burst), pct(burst, 0.99)
+    t50, t99 = statistics.median(base), pct(base, 0.99)
     print("latency: reading on the simulated cuff -> message at the subscriber")
     print(f"  baseline paho pub -> mosquitto -> sub, ~30/s ({len(base)}): "
           f"p50 {t50:.1f} ms  p99 {t99:.1f} ms")

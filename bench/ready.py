@@ -14,7 +14,6 @@ path imported in a fresh interpreter (measured inside it, so without the interpr
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import os
 import signal
 import socket
@@ -25,54 +24,24 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
-from drivers.base import ClockCheck, DeviceInfo
-from drivers.blood_pressure import decode_bp
-from gateway.config import DeviceBinding, OutboxConfig
-from gateway.intake import build_reading, outbox_item
-from gateway.outbox import Outbox, OutboxItem
+from bench._common import CUFF, SCALE, bytecode_env, cuff_readings, fill
+from gateway.config import OutboxConfig
+from gateway.outbox import Outbox
 
-CUFF = "C0:00:00:00:BC:01"
-SCALE = "C0:00:00:00:5C:01"
-ZONE = ZoneInfo("America/New_York")
 GOAL_S = 0.3
 # Every module of the running agent on the hub (bluez radio, uplink, sessions, control socket):
 # the agent imports some only after READY, but it needs them all.
 AGENT_MODULES = ("gateway.cli, gateway.config_check, gateway.agent, gateway.ble.bluez_radio,"
                  " gateway.uplink, gateway.technician, gateway.control, gateway.ble.session,"
                  " drivers.registry, gateway.intake")
-_BATCH = 500  # puts handed over together share one commit: filling the outbox stays quick
-
-
-def _readings(n: int) -> list[OutboxItem]:
-    """n distinct cuff readings as the agent stores them (about 1 KB of JSON each)."""
-    binding = DeviceBinding(address=CUFF, patient_id="patient-0001")
-    info = DeviceInfo(manufacturer="Simulated Health", model="SIM-BP1", serial="BP00BC01",
-                      firmware="1.4.2")
-    received = dt.datetime.now(dt.UTC)
-    out = []
-    for i in range(n):
-        # Flags 0x1E: time stamp, pulse, user, status (Blood Pressure Measurement, BLS 1.1 §3.1);
-        # a distinct device time per reading, so each has its own reading_id.
-        day, minute = divmod(i, 1440)
-        raw = bytes([0x1E, 100 + i % 60, 0, 60 + i % 30, 0, 80 + i % 20, 0, 0xE9, 0x07,
-                     1 + (day // 28) % 12, 1 + day % 28, minute // 60, minute % 60, i % 60,
-                     55 + i % 40, 0, 1, 0, 0])
-        r = build_reading(decode_bp(raw), hub_id="bench-hub", binding=binding, address=CUFF,
-                          info=info, driver_name="sig_blood_pressure", driver_version="1.0",
-                          clock=ClockCheck(device_time=None, offset_s=2.5, set_ok=True),
-                          received_at=received, zone=ZONE, hub_clock_synced=True)
-        out.append(outbox_item(r, ZONE))
-    return out
 
 
 async def _fill(path: Path, n: int) -> int:
     """An outbox at `path` with n pending readings; their mean payload size in bytes."""
-    items = _readings(n)
+    items = cuff_readings(n)
     async with Outbox(path, OutboxConfig()) as outbox:
-        for start in range(0, n, _BATCH):
-            await asyncio.gather(*(outbox.put(i) for i in items[start:start + _BATCH]))
+        await fill(outbox, items)
         assert (await outbox.stats()).pending == n
     return round(statistics.mean(len(i.payload) for i in items))
 
@@ -148,18 +117,6 @@ async def _start_to_ready(config: Path, directory: Path, base_env: dict[str, str
     return elapsed, running
 
 
-def _bytecode_env(cache: Path) -> dict[str, str]:
-    """The environment with compiled bytecode kept (in `cache`), as on the hub.
-
-    pip compiles every module when it installs the wheel on the hub; a development tree
-    installed editable, in an environment with PYTHONDONTWRITEBYTECODE=1, compiles the
-    gateway's sources again at every start (about a third of it on this machine).
-    """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(cache)
-    return env
-
-
 def _exec_s(code: str, env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
@@ -182,7 +139,7 @@ async def run(*, quick: bool = False) -> dict[str, Any]:
         directory = Path(tmp)
         payload_bytes = await _fill(directory / "state" / "outbox.db", pending)
         config = _config(directory)
-        env = _bytecode_env(directory / "pycache")
+        env = bytecode_env(directory / "pycache")
         # The first start compiles the bytecode cache and warms the page cache (as the
         # install and the boot before have on the hub); timed separately, environment as is.
         cold, _ = await _start_to_ready(config, directory, dict(os.environ))

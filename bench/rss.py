@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import sqlite3
 import statistics
@@ -26,11 +25,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from bench._common import CUFF, SCALE, bytecode_env, simulate
 from gateway.broker import LocalBroker
 from gateway.sim.bluez.bus import PrivateBus
 
-SCALE = "C0:00:00:00:5C:01"
-CUFF = "C0:00:00:00:BC:01"
 GOAL_IDLE_MB = 40.0
 GOAL_GROWTH_MB = 1.0
 ZONES = ("UTC", "Asia/Tokyo", "America/New_York", "Australia/Sydney")
@@ -44,36 +42,19 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def _bytecode_env() -> dict[str, str]:
-    # As on the hub (pip compiled the wheel): see bench/ready.py.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env.setdefault("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "rpm-bench-pycache"))
-    return env
+def _env() -> dict[str, str]:
+    return bytecode_env(Path(tempfile.gettempdir()) / "rpm-bench-pycache")  # as on the hub
 
 
-@contextlib.asynccontextmanager
-async def _simulate(stored: int, bus: str, zone: str = "UTC") -> AsyncIterator[str]:
+def _simulate(stored: int, bus: str, zone: str = "UTC") -> contextlib.AbstractAsyncContextManager[str]:
     """`rpm-gateway simulate --bluez` on `bus`, scale and cuff holding `stored` readings each.
 
     `zone`: the zone the device clocks are in; another zone gives the same walk of values other
     time stamps, so other readings (the stored history cannot go back more than ~3,000 days).
     """
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "simulate", "--bluez", "--bus-address", bus,
-        "--devices", "scale,cuff", "--stored", str(stored), "--readings", "0",
-        "--timezone", zone, "--log-level", "error",
-        stdout=asyncio.subprocess.PIPE, env=_bytecode_env())
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(60):
-            line = (await proc.stdout.readline()).decode().split()
-        if not line or line[0] != "READY":
-            raise RuntimeError(f"simulate did not start: {line}")
-        yield line[1]
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
+    return simulate("--bluez", "--bus-address", bus, "--devices", "scale,cuff", "--stored",
+                    str(stored), "--readings", "0", "--timezone", zone, "--log-level", "error",
+                    env=_env())
 
 
 @contextlib.asynccontextmanager
@@ -112,7 +93,7 @@ patient_id = "patient-bench"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
             stdout=subprocess.DEVNULL,
-            env={**_bytecode_env(), "NOTIFY_SOCKET": str(notify), "DBUS_SYSTEM_BUS_ADDRESS": bus})
+            env={**_env(), "NOTIFY_SOCKET": str(notify), "DBUS_SYSTEM_BUS_ADDRESS": bus})
         try:
             yield proc, sock
         finally:
@@ -188,7 +169,7 @@ def _baseline_mb() -> float:
     code = ("import asyncio, sqlite3\nfor l in open('/proc/self/status'):\n"
             "    l.startswith('VmRSS:') and print(int(l.split()[1]) / 1024)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, env=_bytecode_env())
+                         text=True, env=_env())
     return float(out.stdout)
 
 

@@ -57,11 +57,11 @@ def _phase(name: str, edge: str, io: dict[str, int]) -> None:
 async def _child_ours(directory: Path, count: int, idle_s: float, host: str, port: int) -> None:
     import aiomqtt
 
-    from bench.ingest import readings
+    from bench._common import cuff_readings
     from gateway.config import OutboxConfig
     from gateway.outbox import Outbox
 
-    items = readings(count + 5, start=5_000_000)
+    items = cuff_readings(count + 5, start=5_000_000)
     io: dict[str, int] = {}
     async with (
         Outbox(directory / "outbox.db", OutboxConfig()) as ob,
@@ -96,9 +96,9 @@ async def _child_ours(directory: Path, count: int, idle_s: float, host: str, por
 
 
 def _child_baseline(directory: Path, count: int) -> None:
-    from bench.ingest import readings
+    from bench._common import cuff_readings
 
-    items = readings(count, start=6_000_000)
+    items = cuff_readings(count, start=6_000_000)
     conn = sqlite3.connect(directory / "bare.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
