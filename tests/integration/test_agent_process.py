@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import sys
@@ -58,10 +59,13 @@ adapter = "hci99"
 
 
 @contextlib.asynccontextmanager
-async def agent_process(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+async def agent_process(config: Path, env: dict[str, str] | None = None
+                        ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`rpm-gateway run --config CONFIG`, its environment plus `env`; killed if still running."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else {**os.environ, **env})
     try:
         yield proc
     finally:

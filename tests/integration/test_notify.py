@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import signal
 import socket
-import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.config import parse_config
 from tests.integration.hub_toml import hub_toml
-from tests.integration.test_agent_process import HUB, VIRTUAL, write_config
+from tests.integration.test_agent_process import HUB, VIRTUAL, agent_process, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -96,21 +94,11 @@ def notify_socket(tmp_path: Path, ready_check: Path | None = None) -> Iterator[N
             reader.join(5)
 
 
-@contextlib.asynccontextmanager
-async def notified_agent(config: Path, notify: Path, **env: str
-                         ) -> AsyncIterator[asyncio.subprocess.Process]:
+def notified_agent(config: Path, notify: Path, **env: str
+                   ) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
     """`rpm-gateway run` as a Type=notify unit with a watchdog starts it."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": str(PROCESS_WATCHDOG_USEC),
-             **env})
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    return agent_process(config, {"NOTIFY_SOCKET": str(notify),
+                                  "WATCHDOG_USEC": str(PROCESS_WATCHDOG_USEC), **env})
 
 
 async def test_ready_status_watchdog_and_stopping_from_the_agent_process(

@@ -24,14 +24,10 @@ from tests.integration.test_uplink import (
     mqtt_cfg,
     reading_ids,
     running,
+    status_provider,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def status_provider() -> dict[str, object]:
-    """A minimal hub status."""
-    return {"version": "test"}
 
 
 async def test_a_backlog_is_fetched_ahead_and_marked_in_batches_never_before_its_puback(

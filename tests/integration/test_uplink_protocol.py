@@ -27,6 +27,7 @@ from tests.integration.test_uplink import (
     mqtt_front,
     reading_ids,
     running,
+    status_provider,
 )
 
 pytestmark = pytest.mark.integration
@@ -35,11 +36,6 @@ pytestmark = pytest.mark.integration
 # configured without version 5 (0x84, with an empty property list) sends it.
 REFUSED_311 = b"\x20\x02\x00\x01"
 REFUSED_V5 = b"\x20\x03\x00\x84\x00"
-
-
-def status_provider() -> dict[str, object]:
-    """A minimal hub status."""
-    return {"version": "test"}
 
 
 async def test_frozen_network_at_connect_is_a_failed_attempt_not_a_downgrade(

@@ -27,6 +27,7 @@ from tests.integration.test_uplink import (
     mqtt_front,
     reading_ids,
     running,
+    status_provider,
 )
 
 pytestmark = pytest.mark.integration
@@ -34,11 +35,6 @@ pytestmark = pytest.mark.integration
 N = 300
 BAD = 150  # the oversize reading sits in the middle of the queue
 LIMIT = 10_000
-
-
-def status_provider() -> dict[str, object]:
-    """A minimal hub status."""
-    return {"version": "test"}
 
 
 def queue_with_one_oversize() -> list[OutboxItem]:

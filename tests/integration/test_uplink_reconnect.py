@@ -31,14 +31,10 @@ from tests.integration.test_uplink import (
     mqtt_cfg,
     reading_ids,
     running,
+    status_provider,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def status_provider() -> dict[str, object]:
-    """A minimal hub status."""
-    return {"version": "test"}
 
 
 def uplink_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
