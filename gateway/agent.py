@@ -30,7 +30,7 @@ from gateway.timebase import hub_clock_plausible, hub_clock_synced
 from gateway.uplink_health import BrokerState
 
 # What READY=1 does not wait for is imported after it, where it is first used: the radio
-# (bleak, the drivers, sessions), the uplink (aiomqtt, paho) and the control socket's
+# (bleak, the drivers, sessions), the uplink (paho) and the control socket's
 # handlers are a third of the agent's start on a slow hub, and systemd need not wait for
 # them to count the unit as started (the radio and the broker retry for ever anyway).
 if TYPE_CHECKING:

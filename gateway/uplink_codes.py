@@ -37,7 +37,7 @@ TRANSIENT_PUBACK = frozenset({0x89, 0x91, 0x93, 0x96, 0x97})
 
 
 def code_of(rc: ReasonCode | int | None) -> int | None:
-    """The numeric value of a reason code as paho or aiomqtt hands it over (None if none)."""
+    """The numeric value of a reason code as paho hands it over (None if none)."""
     if rc is None:
         return None
     return rc.value if isinstance(rc, ReasonCode) else int(rc)
