@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import signal
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,8 +23,9 @@ import pytest
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.config import parse_config
+from gateway.outbox_schema import SCHEMA_VERSION
 from tests.integration.hub_toml import hub_toml
-from tests.integration.test_agent_process import HUB, VIRTUAL, agent_process, write_config
+from tests.integration.test_agent_process import HUB, VIRTUAL, agent_process, stop, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +35,15 @@ WATCHDOG_USEC = 400_000  # systemd's WatchdogSec=0.4s: a ping every 0.2 s
 PROCESS_WATCHDOG_USEC = 1_000_000
 
 
+def _schema_version(path: Path) -> int | None:
+    """The outbox file's schema version as another process reads it now; None if it cannot."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.Error:
+        return None
+
+
 @dataclass
 class Notifications:
     """Every datagram that arrived on the test's notify socket, with when it arrived."""
@@ -41,8 +51,8 @@ class Notifications:
     sock: socket.socket
     path: Path
     got: list[tuple[float, dict[str, str]]] = field(default_factory=list)
-    # Checks run the moment a message arrives (what was on disk when READY came).
-    on_ready: list[bool] = field(default_factory=list)
+    # The outbox's schema version on disk the moment READY arrived (None: no usable file).
+    on_ready: list[int | None] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def collect(self, stop: threading.Event, ready_check: Path | None) -> None:
@@ -55,7 +65,7 @@ class Notifications:
                 continue
             fields = dict(line.split("=", 1) for line in data.decode().splitlines())
             if "READY" in fields and ready_check is not None:
-                self.on_ready.append(ready_check.exists())
+                self.on_ready.append(_schema_version(ready_check))
             with self._lock:
                 self.got.append((time.monotonic(), fields))
 
@@ -109,18 +119,17 @@ async def test_ready_status_watchdog_and_stopping_from_the_agent_process(
     with notify_socket(tmp_path, ready_check=outbox) as notes:
         async with notified_agent(config, notes.path) as proc:
             await notes.wait_for(lambda: notes.values("READY"))
-            # The outbox was on disk when READY came: systemd may count the unit as started.
-            assert notes.on_ready == [True]
+            # The outbox was open, migrated and current when READY came: systemd may count the
+            # unit as started.
+            assert notes.on_ready == [SCHEMA_VERSION]
             await notes.wait_for(lambda: any("broker connected" in s and "radio ok" in s
                                              for s in notes.values("STATUS")))
             pings_before = len(notes.times("WATCHDOG"))
             await asyncio.sleep(3.0)
             pings = notes.times("WATCHDOG")[pings_before:]
-            proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.wait_for(proc.communicate(), 20)
+            code, log = await stop(proc)
             await notes.wait_for(lambda: notes.values("STOPPING"), timeout=5)
-    log = err.decode()
-    assert proc.returncode == 0, log
+    assert code == 0, log
     assert "Traceback" not in log
     # Every 0.5 s for 3 s: 6, give or take a busy machine; never a gap systemd would kill for.
     assert len(pings) >= 4, pings
@@ -158,9 +167,8 @@ async def test_ready_does_not_wait_for_the_radio_or_the_broker(
                 for s in notes.values("STATUS")))
             assert proc.returncode is None
             assert len(notes.times("WATCHDOG")) >= 2
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 0
+            code, log = await stop(proc)
+    assert code == 0, log
     assert ready_after < 5
 
 
@@ -172,10 +180,26 @@ async def test_nothing_is_sent_and_nothing_breaks_when_the_socket_is_gone(
     async with notified_agent(config, tmp_path / "no-such-socket") as proc:
         await asyncio.sleep(2)
         assert proc.returncode is None
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 0
-    assert "Traceback" not in err.decode()
+        code, log = await stop(proc)
+    assert code == 0, log
+    assert "Traceback" not in log
+
+
+async def test_no_ready_from_an_agent_whose_outbox_is_unusable(
+    tmp_path: Path, mosquitto: LocalBroker
+) -> None:
+    # A newer outbox (a downgrade): exit 73 before READY, so systemd never counts the unit as
+    # started and the restart policy for 73 applies.
+    config = write_config(tmp_path, mosquitto, VIRTUAL)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "outbox.db")) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    with notify_socket(tmp_path) as notes:
+        async with notified_agent(config, notes.path) as proc:
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+        await asyncio.sleep(0.2)  # a datagram sent just before the exit is read by now
+    assert proc.returncode == 73, err.decode()
+    assert notes.values("READY") == []
 
 
 async def test_a_wedged_event_loop_stops_the_watchdog_pings(
