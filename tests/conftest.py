@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +35,19 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
+
+
+def needs_tools(*commands: str, package: str) -> pytest.MarkDecorator:
+    """Skip a test when one of `commands` is missing, naming the Debian package to install.
+
+    Where RPM_GATEWAY_REQUIRE_TOOLS=1 (.ci/run sets it) nothing is skipped: a missing tool
+    makes the test fail, so CI cannot go green on tests that never ran.
+    """
+    missing = [c for c in commands if shutil.which(c) is None]
+    required = os.environ.get("RPM_GATEWAY_REQUIRE_TOOLS") == "1"
+    return pytest.mark.skipif(
+        bool(missing) and not required,
+        reason=f"{', '.join(missing)} not installed (apt-get install {package})")
 
 
 def small(**kw: object) -> OutboxConfig:

@@ -13,7 +13,6 @@ import asyncio
 import os
 import re
 import shlex
-import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -23,16 +22,14 @@ import pytest
 
 from gateway.broker import LocalBroker
 from gateway.sim.bluez.bus import use_as_system_bus
-from tests.conftest import MqttSubscriber
+from tests.conftest import MqttSubscriber, needs_tools
 from tests.integration.hub_toml import devices, hub_toml
 from tests.integration.test_bluez_process import simulate_bluez
-from tests.unit.test_systemd_unit import AGENT, command, unit_syscall_allow_list
+from tests.systemd_unit import AGENT, command, unit_syscall_allow_list
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("strace") is None or shutil.which("systemd-analyze") is None,
-                       reason="needs strace and systemd-analyze (apt-get install strace systemd; "
-                              ".ci/run installs both)"),
+    needs_tools("strace", "systemd-analyze", package="strace systemd"),
 ]
 
 # Only ever called as root: sqlite's robust_fchown and `sudo rpm-gateway pair`'s chown keep

@@ -11,61 +11,30 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import stat
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from gateway.config import HubConfig
+from tests.conftest import needs_tools
+from tests.systemd_unit import (
+    AGENT,
+    INSTALL,
+    SYSTEMD,
+    UNIT,
+    command,
+    directives,
+    needs_analyze,
+    one,
+    seconds,
+    unit_syscall_allow_list,
+)
 
-SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
-UNIT = SYSTEMD / "rpm-gateway.service"
-INSTALL = SYSTEMD / "install.sh"
-AGENT = "/opt/rpm-gateway/.venv/bin/rpm-gateway"
 MAX_EXPOSURE = 2.5  # issue 8: "rates it 2.5 or lower" (8.0 before)
 # The ExecStopPost= wait after exit 73, whatever RestartSec= adds (issue 8: at least 30 s).
 MIN_DELAY_AFTER_73_S = 30
 
-needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze is not installed (apt-get install systemd; .ci/run installs it)")
-
-
-def directives(path: Path = UNIT) -> dict[str, list[str]]:
-    """'Section.Key' -> every value assigned, in order (systemd accumulates some keys)."""
-    out: dict[str, list[str]] = {}
-    section = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
-    return out
-
-
-def one(key: str) -> str:
-    values = directives()[key]
-    assert len(values) == 1, (key, values)
-    return values[0]
-
-
-def seconds(value: str) -> float:
-    """A systemd time span in the forms this unit uses: '45s', '5min', '300'."""
-    m = re.fullmatch(r"(\d+)\s*(s|sec|min|m)?", value)
-    assert m, value
-    return int(m[1]) * (60 if m[2] in ("min", "m") else 1)
-
-
-def command(key: str) -> list[str]:
-    """The argv of an Exec line, systemd's '$$' (a literal '$') undone."""
-    return shlex.split(one(key).replace("$$", "$"))
 
 
 # -- systemd-analyze ---------------------------------------------------------------------------
@@ -93,35 +62,11 @@ def test_security_exposure_is_at_most_2_5() -> None:
     assert float(m[1]) <= MAX_EXPOSURE, r.stdout
 
 
-def unit_syscall_allow_list(unit: Path = UNIT) -> set[str]:
-    """The system calls the unit's SystemCallFilter= lines allow, groups expanded by systemd."""
-    groups: dict[str, list[str]] = {}
-    current = ""
-    for line in subprocess.run(["systemd-analyze", "syscall-filter"], capture_output=True,
-                               text=True, timeout=60).stdout.splitlines():
-        if line.startswith("@"):
-            current = line.strip()
-            groups[current] = []
-        elif line.strip() and not line.strip().startswith("#") and current:
-            groups[current].append(line.strip())
-
-    def expand(name: str) -> set[str]:
-        return set().union(*(expand(n) for n in groups[name])) if name.startswith("@") else {name}
-
-    # An allow list: later lines add, '~' lines remove, in order; @default is always allowed.
-    allowed: set[str] = set()
-    for spec in directives(unit)["Service.SystemCallFilter"]:
-        names = set().union(*(expand(n) for n in spec.lstrip("~").split()))
-        allowed = allowed - names if spec.startswith("~") else allowed | names
-    return allowed | expand("@default")
-
-
 @needs_analyze
 def test_system_call_filter_keeps_adjtimex_for_the_ntp_question() -> None:
     # gateway/timebase.py asks adjtimex(2) whether NTP has synchronised the clock; glibc makes
     # that clock_adjtime. @system-service has neither: filtered, the question fails with EPERM
     # and the hub clock would never count as synchronised.
-    assert "adjtimex" in (Path(__file__).resolve().parents[2] / "gateway/timebase.py").read_text()
     assert {"adjtimex", "clock_adjtime"} <= unit_syscall_allow_list()
     # ProtectClock= would deny @clock in a filter of its own, whatever the list says.
     assert "Service.ProtectClock" not in directives()
@@ -242,8 +187,7 @@ def test_install_script_parses() -> None:
     subprocess.run(["bash", "-n", str(INSTALL)], check=True, timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck is not installed (apt-get install shellcheck; .ci/run does)")
+@needs_tools("shellcheck", package="shellcheck")
 def test_install_script_is_shellcheck_clean() -> None:
     r = subprocess.run(["shellcheck", str(INSTALL)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout
@@ -323,8 +267,8 @@ def test_install_polkit_choices(tmp_path: Path) -> None:
     assert not (tmp_path / "none/etc/polkit-1").exists()
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed: the polkit "
-                    "rule's JavaScript is checked with it (polkitd itself embeds duktape)")
+# The polkit rule's JavaScript is run by node (polkitd itself embeds duktape).
+@needs_tools("node", package="nodejs")
 def test_polkit_rule_allows_only_restarting_bluetooth_as_rpm_gateway(tmp_path: Path) -> None:
     cases = [
         {"user": "rpm-gateway", "unit": "bluetooth.service", "verb": "restart"},
