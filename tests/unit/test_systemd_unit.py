@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 from gateway.config import HubConfig
@@ -75,24 +76,32 @@ def test_system_call_filter_keeps_adjtimex_for_the_ntp_question() -> None:
 # -- restart policy ----------------------------------------------------------------------------
 
 
-def fake_agent(tmp_path: Path, check_status: int) -> Path:
-    """An 'rpm-gateway' that logs its argv and pid; `config check` exits with check_status."""
+def fake_agent(tmp_path: Path, check_status: int | None) -> Path:
+    """An 'rpm-gateway' that logs its argv and pid; `config check` exits with check_status, or
+    (None) the real `rpm-gateway config check` runs."""
     log = tmp_path / "calls"
     fake = tmp_path / "rpm-gateway"
+    check = (f"exec {sys.executable} -m gateway.cli \"$@\"" if check_status is None
+             else f"exit {check_status}")
     fake.write_text(f"""#!/bin/sh
 echo "$$ $*" >> {log}
-[ "$1" = config ] && exit {check_status}
+[ "$1" = config ] && {check}
 exit 0
 """)
     fake.chmod(0o755)
     return fake
 
 
-def run_exec_start(tmp_path: Path, check_status: int) -> tuple[subprocess.Popen[bytes], list[str]]:
+def run_exec_start(tmp_path: Path, check_status: int | None, config: Path | None = None
+                   ) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """The unit's ExecStart= line with the agent faked, and `config` (if given) in place of
+    /etc/rpm-gateway/gateway.toml; the process and the agent's calls."""
     argv = [a.replace(AGENT, str(fake_agent(tmp_path, check_status))) for a in
             command("Service.ExecStart")]
-    proc = subprocess.Popen(argv)
-    proc.wait(timeout=30)
+    if config is not None:
+        argv = [a.replace("/etc/rpm-gateway/gateway.toml", str(config)) for a in argv]
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    proc.wait(timeout=60)
     return proc, (tmp_path / "calls").read_text().splitlines()
 
 
@@ -102,9 +111,13 @@ def test_config_errors_are_not_restarted(tmp_path: Path) -> None:
     # RestartPreventExitStatus= looks at the main process only (systemd's service.c,
     # service_shall_restart): a config check in ExecStartPre= exiting 78 would be restarted.
     assert not any("config check" in v for v in directives().get("Service.ExecStartPre", []))
-    proc, calls = run_exec_start(tmp_path, check_status=78)
+    # The real check on a config with an empty mqtt.host: the main process exits 78 and the
+    # agent never runs.
+    broken = tmp_path / "gateway.toml"
+    broken.write_text('[hub]\nid = "hub-1"\n[mqtt]\nhost = ""\n')
+    proc, calls = run_exec_start(tmp_path, check_status=None, config=broken)
     assert proc.returncode == 78  # the main process's status: the restart is prevented
-    assert [c.split(" ", 1)[1] for c in calls] == ["config check /etc/rpm-gateway/gateway.toml"]
+    assert [c.split(" ", 1)[1] for c in calls] == [f"config check {broken}"]
 
 
 def test_a_good_config_execs_the_agent_in_the_main_process(tmp_path: Path) -> None:
