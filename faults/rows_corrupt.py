@@ -92,14 +92,22 @@ def change_payload_byte(db: Path, payloads: dict[int, bytes]) -> tuple[str, str]
     raise RuntimeError("no stored payload with a value found in the file")
 
 
-async def supervise(rig: Rig, restarts: list[float]) -> None:
-    """Keep the agent running as systemd would (restart 1 s after any exit) until cancelled."""
+# What systemd/rpm-gateway.service does after an exit (tests/unit/test_systemd_unit.py keeps
+# these equal to the unit): RestartSec=, plus ExecStopPost='s wait after 73; 78 is not restarted.
+RESTART_S = 5.0
+RESTART_AFTER_73_S = 35.0
+
+
+async def supervise(rig: Rig, exits: list[tuple[float, int | None]]) -> None:
+    """Keep the agent running as the unit would, recording each exit's time and status."""
     assert rig.agent is not None
     while True:
         await rig.agent.start()
-        await rig.agent.wait(1e9)
-        restarts.append(time.time())
-        await asyncio.sleep(1.0)  # systemd's RestartSec
+        status = await rig.agent.wait(1e9)
+        exits.append((time.time(), status))
+        if status == 78:
+            return
+        await asyncio.sleep(RESTART_AFTER_73_S if status == 73 else RESTART_S)
 
 
 async def _stocked_rig(ctx: Ctx, name: str, stored: int) -> Rig:
@@ -147,8 +155,8 @@ async def corrupt(ctx: Ctx, name: str, damage: Callable[[Path], str] | None) -> 
         gone = frozenset((stored_keys - readable) | ({changed_key} if changed_key else set()))
         await rig.reopen_broker()
         started = time.time()
-        restarts: list[float] = []
-        keeper = asyncio.create_task(supervise(rig, restarts))
+        exits: list[tuple[float, int | None]] = []
+        keeper = asyncio.create_task(supervise(rig, exits))
         try:
             if holder is not None:
                 await asyncio.wait_for(holder.wait(), 30)
@@ -185,8 +193,11 @@ async def corrupt(ctx: Ctx, name: str, damage: Callable[[Path], str] | None) -> 
                          "(not counted lost)")
         row.verdict = "FAIL" if (row.lost or row.new_id_or_wrong_patient or row.violations) \
             else "PASS"
-    if restarts:
-        row.notes.append(f"{len(restarts)} restart(s) by the supervisor")
+    if exits:
+        row.notes.append(f"{len(exits)} restart(s) as the unit would (exit status "
+                         f"{', '.join(str(c) for _, c in exits)})")
+    if holder is not None and any(c != 73 for _, c in exits):
+        row.fail(f"a locked outbox should make the agent wait or exit 73, nothing else: {exits}")
     if changed_published:
         row.fail(f"published {len(changed_published)} time(s) with the changed value")
     if damage is zero_length and "empty" not in log.lower():

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from faults.rows_corrupt import RESTART_AFTER_73_S, RESTART_S
 from gateway.config import HubConfig
 from tests.conftest import needs_tools
 from tests.systemd_unit import (
@@ -156,6 +157,13 @@ def test_exit_73_waits_at_least_30_s_before_the_restart(tmp_path: Path) -> None:
     for code, status in [("exited", "0"), ("exited", "70"), ("exited", "78"), ("killed", "TERM"),
                          ("dumped", "ABRT"), ("killed", "73")]:
         assert stop_post_sleeps(tmp_path, code, status) == [], (code, status)
+
+
+def test_the_fault_matrix_restarts_the_agent_as_the_unit_does(tmp_path: Path) -> None:
+    restart = seconds(one("Service.RestartSec"))
+    assert restart == RESTART_S
+    after_73 = restart + sum(seconds(s) for s in stop_post_sleeps(tmp_path, "exited", "73"))
+    assert after_73 == RESTART_AFTER_73_S
 
 
 def test_start_limit_stops_crash_loops_but_not_the_wait_for_a_disk() -> None:
