@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from drivers.base import DeviceInfo
@@ -23,9 +24,12 @@ from drivers.codec.blood_pressure import (
 )
 from drivers.codec.date_time import DateTime
 from drivers.codec.ieee11073 import MedFloat
-from gateway.config import DeviceBinding
+from gateway.config import DeviceBinding, GatewayConfig
 from gateway.intake import build_reading, outbox_item
 from gateway.outbox import Outbox, OutboxItem
+
+if TYPE_CHECKING:
+    from gateway.agent import Agent
 
 HUB = "bench-hub"
 CUFF = "C0:00:00:00:BC:01"
@@ -98,3 +102,30 @@ async def simulate(*args: str, env: dict[str, str] | None = None) -> AsyncIterat
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
+
+
+def hub_toml(data_dir: Path, *, host: str, port: int, radio: str, devices: Sequence[str],
+             control_socket: Path | None = None) -> str:
+    """A benchmark hub's config: `radio` is the body of its [radio] table, `devices` the
+    addresses paired to one patient."""
+    socket_line = f'control_socket = "{control_socket}"\n' if control_socket else ""
+    paired = "".join(f'[[devices]]\naddress = "{a}"\npatient_id = "patient-bench"\n'
+                     for a in devices)
+    return (f'log_level = "warning"\n[hub]\nid = "{HUB}"\ndata_dir = "{data_dir}"\n'
+            f"{socket_line}trust_clock = true\n[mqtt]\nhost = \"{host}\"\nport = {port}\n"
+            f"[radio]\n{radio.strip()}\n{paired}")
+
+
+@contextlib.asynccontextmanager
+async def running_agent(cfg: GatewayConfig) -> AsyncIterator[Agent]:
+    """The agent running in this event loop; stopped cleanly on the way out."""
+    # Imported here: wear's child processes import this module for its readings alone.
+    from gateway.agent import Agent
+
+    agent = Agent(cfg)
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, 30)

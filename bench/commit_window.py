@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import SCALE, pct, simulate
-from gateway.agent import Agent
+from bench._common import SCALE, hub_toml, pct, running_agent, simulate
 from gateway.broker import LocalBroker
 from gateway.config import parse_config
 from gateway.sim.ledger import read_ledger
@@ -50,33 +49,12 @@ async def _ours(readings: int, directory: Path) -> tuple[list[float], list[bytes
     device = ("--devices", "scale", "--stored", str(readings), "--readings", "0",
               "--listen", "127.0.0.1:0", "--ledger", str(ledger))
     async with LocalBroker("mosquitto") as broker, simulate(*device) as link:
-        cfg = parse_config(f"""
-log_level = "warning"
-[hub]
-id = "bench-hub"
-data_dir = "{directory}"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-[radio]
-kind = "virtual"
-link = "{link}"
-quiet_s = 1.0
-session_timeout_s = 600
-[[devices]]
-address = "{SCALE}"
-patient_id = "patient-bench"
-""")
-        agent = Agent(cfg)
-        task = asyncio.create_task(agent.run())
-        try:
-            async with asyncio.timeout(600):
-                while len(agent.commit_windows) < readings:
-                    await asyncio.sleep(0.05)
-        finally:
-            agent.stop()
-            await asyncio.wait_for(task, 30)
+        cfg = parse_config(hub_toml(
+            directory, host=broker.host, port=broker.port, devices=[SCALE],
+            radio=f'kind = "virtual"\nlink = "{link}"\nquiet_s = 1.0\nsession_timeout_s = 600'))
+        async with running_agent(cfg) as agent, asyncio.timeout(600):
+            while len(agent.commit_windows) < readings:
+                await asyncio.sleep(0.05)
     payloads = [bytes.fromhex(e["payload"]) for e in read_ledger(ledger) if e["event"] == "produced"]
     return list(agent.commit_windows), payloads
 

@@ -31,8 +31,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench._common import CUFF, HUB, pct, simulate
-from gateway.agent import Agent
+from bench._common import CUFF, HUB, hub_toml, pct, running_agent, simulate
 from gateway.broker import LocalBroker
 from gateway.config import parse_config
 from gateway.sim.ledger import read_ledger
@@ -71,34 +70,13 @@ async def _ours(readings: int, interval: float, directory: Path) -> list[float]:
     async with LocalBroker("mosquitto") as broker, _subscriber(broker, "raw") as arrivals, \
             simulate("--devices", "cuff", "--readings", str(readings), "--interval",
                      str(interval), "--listen", "127.0.0.1:0", "--ledger", str(ledger)) as link:
-        cfg = parse_config(f"""
-log_level = "warning"
-[hub]
-id = "{HUB}"
-data_dir = "{directory}"
-control_socket = "{directory}/control.sock"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-[radio]
-kind = "virtual"
-link = "{link}"
-quiet_s = 5.0
-session_timeout_s = 900
-[[devices]]
-address = "{CUFF}"
-patient_id = "patient-bench"
-""")
-        agent = Agent(cfg)
-        task = asyncio.create_task(agent.run())
-        try:
-            async with asyncio.timeout(readings * interval + 120):
-                while not _all_arrived(ledger, readings, arrivals):
-                    await asyncio.sleep(0.2)
-        finally:
-            agent.stop()
-            await asyncio.wait_for(task, 30)
+        cfg = parse_config(hub_toml(
+            directory, host=broker.host, port=broker.port, devices=[CUFF],
+            control_socket=directory / "control.sock",
+            radio=f'kind = "virtual"\nlink = "{link}"\nquiet_s = 5.0\nsession_timeout_s = 900'))
+        async with running_agent(cfg), asyncio.timeout(readings * interval + 120):
+            while not _all_arrived(ledger, readings, arrivals):
+                await asyncio.sleep(0.2)
     events = read_ledger(ledger)
     subscribed = min(e["t"] for e in events if e["event"] == "confirmed")
     first: dict[str, float] = {}  # a frame taken twice (same values, same second) is one reading

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import CUFF, SCALE, bytecode_env, cuff_readings, fill
+from bench._common import CUFF, SCALE, bytecode_env, cuff_readings, fill, hub_toml
 from gateway.config import OutboxConfig
 from gateway.outbox import Outbox
 
@@ -55,24 +55,9 @@ def _closed_port() -> int:
 
 def _config(directory: Path) -> Path:
     path = directory / "gateway.toml"
-    path.write_text(f"""log_level = "warning"
-[hub]
-id = "bench-hub"
-data_dir = "{directory / 'state'}"
-control_socket = "{directory / 'control.sock'}"
-trust_clock = true
-[mqtt]
-host = "127.0.0.1"
-port = {_closed_port()}
-[radio]
-kind = "bluez"
-[[devices]]
-address = "{CUFF}"
-patient_id = "patient-0001"
-[[devices]]
-address = "{SCALE}"
-patient_id = "patient-0001"
-""")
+    path.write_text(hub_toml(directory / "state", host="127.0.0.1", port=_closed_port(),
+                             control_socket=directory / "control.sock", radio='kind = "bluez"',
+                             devices=[CUFF, SCALE]))
     return path
 
 

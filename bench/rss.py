@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from bench._common import CUFF, SCALE, bytecode_env, simulate
+from bench._common import CUFF, SCALE, bytecode_env, hub_toml, simulate
 from gateway.broker import LocalBroker
 from gateway.sim.bluez.bus import PrivateBus
 
@@ -63,29 +63,12 @@ async def _agent(directory: Path, broker: LocalBroker, bus: str
     """The agent process (as systemd starts it) and the notify socket it reports on."""
     directory.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (nothing runs yet)
     config = directory / "gateway.toml"
-    config.write_text(f"""log_level = "warning"
-[hub]
-id = "bench-hub"
-data_dir = "{directory / 'state'}"
-control_socket = "{directory / 'control.sock'}"
-trust_clock = true
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-[radio]
-kind = "bluez"
-quiet_s = 1.0
-session_timeout_s = 3600
-# Between rounds the stand-in is replaced; the agent then took the ladder's default 300 s of
-# silence to hear the new one (see the report of issue 8): not what this measures.
-scan_silence_s = 5
-[[devices]]
-address = "{SCALE}"
-patient_id = "patient-bench"
-[[devices]]
-address = "{CUFF}"
-patient_id = "patient-bench"
-""")
+    # Between rounds the stand-in is replaced; the agent then took the ladder's default 300 s
+    # of silence to hear the new one (see the report of issue 8): not what this measures.
+    config.write_text(hub_toml(
+        directory / "state", host=broker.host, port=broker.port,
+        control_socket=directory / "control.sock", devices=[SCALE, CUFF],
+        radio='kind = "bluez"\nquiet_s = 1.0\nsession_timeout_s = 3600\nscan_silence_s = 5'))
     notify = directory / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(notify))
