@@ -5,13 +5,16 @@ and one status publisher.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 
 import pytest
+from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.broker import LocalBroker
 from gateway.outbox import Outbox, Pending
 from gateway.uplink import Uplink
+from gateway.uplink_client import MqttLink, OnAck
 from gateway.uplink_drain import FETCH_ROWS
 from tests.conftest import make_item
 from tests.integration.test_uplink import (
@@ -42,19 +45,49 @@ async def test_a_backlog_is_fetched_ahead_and_marked_in_batches_never_before_its
     uplink = Uplink(cfg, HUB, outbox, status_provider)
     fetches: list[int] = []
     marks: list[list[int]] = []
-    pending, mark = outbox.pending, outbox.mark_delivered
+    rid_of: dict[int, str] = {}  # seq -> reading_id, from the pending rows the drain fetched
+    pubacked: set[str] = set()  # reading_ids whose PUBACK (a success code) paho has handed over
+    pending, mark, send = outbox.pending, outbox.mark_delivered, MqttLink.send
 
     async def spy_pending(limit: int, after_seq: int = 0) -> list[Pending]:
         fetches.append(limit)
-        return await pending(limit, after_seq)
+        rows = await pending(limit, after_seq)
+        rid_of.update((p.seq, p.reading_id) for p in rows)
+        return rows
+
+    def spy_send(link: MqttLink, topic: str, payload: bytes, *, on_ack: OnAck,
+                 retain: bool = False) -> None:
+        # Below the drain: which reading this PUBLISH carried, and when its own PUBACK (matched
+        # by paho on the message id) reached the drain with a success code. Every 25th is held
+        # back 0.2 s, as a slow broker would: longer than the marks gather, so a mark that ran
+        # ahead of a PUBACK is caught here rather than hidden by the PUBACK arriving meanwhile.
+        body = json.loads(payload) if topic == READINGS else {}
+        rid, late = body.get("reading_id"), body.get("n", 1) % 25 == 0
+
+        def handed_over(rc: ReasonCode) -> None:
+            if rid is not None and not rc.is_failure:
+                pubacked.add(rid)
+            on_ack(rc)
+
+        def acked(rc: ReasonCode) -> None:
+            if late:
+                asyncio.get_running_loop().call_later(0.2, handed_over, rc)
+            else:
+                handed_over(rc)
+
+        send(link, topic, payload, on_ack=acked, retain=retain)
 
     async def spy_mark(seqs: Sequence[int]) -> None:
-        # Every seq marked so far had its PUBACK (a success code) before this call. (A mark
-        # cancelled at shutdown is done again by the session's last flush: counted once here.)
+        # Every seq marked is one whose own message the broker PUBACK'd before this call
+        # (identities, not only totals). (A mark cancelled at shutdown is done again by the
+        # session's last flush: counted once here.)
+        unacked = [s for s in seqs if rid_of.get(s) not in pubacked]
+        assert not unacked, f"marked before their PUBACK: seqs {unacked[:10]}"
         assert sum(len(m) for m in marks) + len(seqs) <= uplink.counters.acked
         await mark(seqs)
         marks.append(list(seqs))
 
+    monkeypatch.setattr(MqttLink, "send", spy_send)
     monkeypatch.setattr(outbox, "pending", spy_pending)
     monkeypatch.setattr(outbox, "mark_delivered", spy_mark)
     async with running(uplink):
@@ -65,6 +98,9 @@ async def test_a_backlog_is_fetched_ahead_and_marked_in_batches_never_before_its
     assert (await outbox.stats()).delivered == n
     marked = [s for m in marks for s in m]
     assert len(marked) == len(set(marked)) == n  # each once
+    # And each marked seq's reading reached a real subscriber (the broker forwards a QoS 1
+    # PUBLISH as it takes it; which socket our loop reads first is not ordered, so at the end).
+    assert {rid_of[s] for s in marked} == set(reading_ids(sub)) == pubacked
     # Whole batches of rows, not one window at a time; many PUBACKs per transaction.
     assert all(limit == FETCH_ROWS for limit in fetches) and cfg.inflight < FETCH_ROWS
     assert len(fetches) <= n // FETCH_ROWS + 3
