@@ -103,6 +103,11 @@ class LocalBroker:
         return self._port
 
     @property
+    def pid(self) -> int | None:
+        """mosquitto's process id while it runs (for signals: a frozen broker), None for amqtt."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def kind(self) -> BrokerKind:
         """Which broker implementation runs."""
         return self._kind
