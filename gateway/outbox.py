@@ -950,7 +950,6 @@ class Outbox:
             dropped = self._drop_oldest(conn, pending - self._cfg.max_pending, "over max_pending")
             pending += dropped.backlog  # negative: rows deleted
             change.quarantined += dropped.quarantined
-            self._hold_high(conn, high + len(rows))
         if rejected:
             total = self._bump(conn, "rejected_full", rejected)
             log.warning("outbox full (%s, when_full=reject_new): rejected %d new reading(s); "
@@ -1008,7 +1007,14 @@ class Outbox:
         return None
 
     def _drop_oldest(self, conn: sqlite3.Connection, count: int, why: str) -> Counts:
-        """Delete the ``count`` oldest undelivered rows; the (negative) changes to the counts."""
+        """Delete the ``count`` oldest undelivered rows; the (negative) changes to the counts.
+
+        Never the table's top row, so no seq is freed and no high-water mark needs holding
+        (_hold_high) for this delete: callers ask for ``count`` = backlog - max_pending, fewer
+        than the undelivered attributed rows on the disk (max_pending >= 1, the counts exact),
+        so the newest of those survives; and a top row outside that set (delivered,
+        unattributed) is never a candidate. prune() holds the mark for its other deletes.
+        """
         gone = self._deleted(conn.execute(
             "DELETE FROM readings WHERE seq IN (SELECT seq FROM readings"
             " WHERE delivered_at IS NULL AND patient_id IS NOT NULL ORDER BY seq LIMIT ?)"

@@ -4,6 +4,7 @@ are never reused without AUTOINCREMENT; a newer file is still refused untouched.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -113,17 +114,57 @@ async def test_a_seq_is_never_reused_after_the_top_rows_are_pruned(tmp_path: Pat
         assert p.seq == max(seqs) + 1
 
 
-async def test_drop_oldest_of_the_newest_rows_does_not_free_their_seqs(tmp_path: Path) -> None:
-    async with Outbox(tmp_path / "o.db", small(max_pending=1, when_full="drop_oldest")) as ob:
-        await ob.put(make_item(1))
-        [first] = await ob.pending(10)
-        await ob.put(make_item(2))  # drops 1 (the oldest)
-        [second] = await ob.pending(10)
-        assert second.seq > first.seq
-        await ob.quarantine(second.seq, "refused", retry_after_s=None)
-        await ob.put(make_item(3))  # drops 2, the top row until 3 is stored
-        [third] = await ob.pending(10)
-        assert third.seq > second.seq
+async def test_drop_oldest_never_deletes_the_top_row_so_it_frees_no_seq(tmp_path: Path) -> None:
+    # drop_oldest writes no high-water mark (Outbox._drop_oldest): the table's own top row
+    # keeps it, so that row must survive every drop, whatever kind of row it is. Checked after
+    # each put that drops: the newest reading is still there, at the top, above counters'
+    # seq_high; the next reading gets a seq above every seq handed out before.
+    cfg = small(max_pending=2, when_full="drop_oldest")
+    async with Outbox(tmp_path / "o.db", cfg) as ob:
+
+        def table(conn: sqlite3.Connection) -> tuple[int, str, int]:
+            top, rid = conn.execute(
+                "SELECT seq, reading_id FROM readings ORDER BY seq DESC LIMIT 1").fetchone()
+            mark = conn.execute("SELECT COALESCE((SELECT value FROM counters"
+                                " WHERE name = 'seq_high'), 0)").fetchone()[0]  # fmt: skip
+            return int(top), str(rid), int(mark)
+
+        handed = 0
+
+        async def check(newest: str | None) -> None:
+            nonlocal handed
+            top, rid, mark = await ob._run(table)
+            assert mark < top  # the table's top row shows the high-water mark, not counters
+            if newest is not None:
+                assert rid == newest  # the reading just stored survived the drop
+                assert top > handed
+            assert top >= handed
+            handed = top
+            assert ob._counts == await ob._run(count_rows)
+
+        for n in range(4):  # each put past 2 drops the oldest
+            await ob.put(make_item(n))
+            await check(make_item(n).reading_id)
+        # A quarantined top row: the next put drops the oldest, not it.
+        await ob.quarantine((await ob.pending(10))[-1].seq, "refused", retry_after_s=None)
+        await ob.put(make_item(10))
+        await check(make_item(10).reading_id)
+        # A burst committed together, more over the bound than it holds rows.
+        await asyncio.gather(*(ob.put(make_item(n)) for n in range(20, 25)))
+        await check(make_item(24).reading_id)
+        # An unattributed top row (never a candidate) above a dropped attributed one.
+        guest = dataclasses.replace(make_item(30), patient_id=None)
+        await asyncio.gather(ob.put(make_item(29)), ob.put(guest))
+        await check(guest.reading_id)
+        # A batch of duplicates only, with the backlog over the bound by an assignment: the
+        # put inserts nothing and drops one; the assigned (top) row stays.
+        assert (await ob.assign(guest.reading_id, "patient-1")).ok
+        await ob.put(make_item(29))
+        await check(guest.reading_id)
+        assert (await ob.stats()).pending + (await ob.stats()).quarantined == 2
+        await ob.put(make_item(40))
+        [*_, last] = await ob.pending(10)
+        assert last.seq == handed + 1
 
 
 async def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
