@@ -394,6 +394,7 @@ class Outbox:
         self._commit_delay_s = _commit_delay_s()
         # Rows by state, kept by the worker thread (derived at open): see outbox_counts.
         self._counts = Counts()
+        self._counts_stale = False  # see _recount
         self._failing: str | None = None  # the last write's storage error, until one succeeds
         self._last_probe = -_PROBE_INTERVAL_S
         self.recovery: RecoveryReport | None = None
@@ -659,18 +660,37 @@ class Outbox:
         self._failing = None
         return result
 
-    @staticmethod
-    def _guarded(conn: sqlite3.Connection, fn: Callable[..., T], *args: object) -> T:
+    def _guarded(self, conn: sqlite3.Connection, fn: Callable[..., T], *args: object) -> T:
         try:
+            if self._counts_stale:  # a failed write left counts that could not be re-derived
+                self._counts = count_rows(conn)
+                self._counts_stale = False
             return fn(conn, *args)
         except BaseException as e:
             if conn.in_transaction:
                 # SQLITE_FULL/IOERR may already have rolled back; a second rollback is harmless.
                 with contextlib.suppress(sqlite3.Error):
                     conn.rollback()
+            self._recount(conn)
             if isinstance(e, sqlite3.Error):
                 raise _translate(e) from e
             raise
+
+    def _recount(self, conn: sqlite3.Connection) -> None:
+        """After a failed operation: the counts from the disk, not from what it meant to do.
+
+        A write applies its count changes only once its COMMIT returned; but a COMMIT can raise
+        after its commit frame reached the WAL (EIO on the fsync), and the rows it changed are
+        then what the file holds. Counts left behind would inflate or shrink the backlog that
+        drop_oldest drops by and reject_new refuses by. If the recount fails too, the next
+        operation recounts first (and fails the same way, deciding nothing, until it works).
+        """
+        try:
+            self._counts = count_rows(conn)
+            self._counts_stale = False
+        except sqlite3.Error:
+            self._counts_stale = True
+            log.debug("outbox: recount after a failed write failed too", exc_info=True)
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so every write
@@ -710,7 +730,8 @@ class Outbox:
                     "check the SD card",
                     self._path,
                 )
-            self._counts = count_rows(conn)  # the only full count; writes keep it from here
+            self._counts = count_rows(conn)  # the full count; writes keep it from here
+            self._counts_stale = False
             # The file may be new (first start, or after moving a corrupt one aside).
             self._fsync_dir(self._path.parent)
             return conn

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 import tempfile
 from collections.abc import Coroutine
 from datetime import timedelta
@@ -23,7 +24,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from gateway.outbox import Outbox, PutResult
+import gateway.outbox
+from gateway.outbox import Outbox, PutResult, StorageError
 from gateway.outbox_counts import Counts, count_rows
 from tests.conftest import Clock, make_item, small
 
@@ -143,3 +145,96 @@ OutboxHistory.TestCase.settings = settings(
 test_counts_and_seqs_over_random_histories = pytest.mark.filterwarnings("ignore")(
     OutboxHistory.TestCase
 )
+
+
+class _CommitThenFail:
+    """The outbox's connection, whose next COMMIT commits and then raises SQLITE_IOERR_FSYNC.
+
+    A stand-in for an fsync that fails after the commit frame reached the WAL: no filesystem
+    these tests can mount fails an fsync on demand (tmpfs never does, a full disk fails the
+    frame writes before the commit frame, so that transaction is not durable). Only the COMMIT
+    statement is touched; every other call is the real connection's. ``fail_count`` also
+    makes the next full recount (count_rows) fail once, as a read on a failing card would.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.armed = False
+        self.fail_count = False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if self.fail_count and "SELECT COUNT(*)" in sql:
+            self.fail_count = False
+            raise self._error("disk I/O error")
+        cursor = self._conn.execute(sql, *args)
+        if self.armed and sql.strip().upper() == "COMMIT":
+            self.armed = False
+            raise self._error("disk I/O error (fsync, after the commit frame was written)")
+        return cursor
+
+    @staticmethod
+    def _error(text: str) -> sqlite3.OperationalError:
+        e = sqlite3.OperationalError(text)
+        e.sqlite_errorcode = sqlite3.SQLITE_IOERR_FSYNC  # type: ignore[attr-defined]
+        e.sqlite_errorname = "SQLITE_IOERR_FSYNC"  # type: ignore[attr-defined]
+        return e
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _faulty(ob: Outbox) -> _CommitThenFail:
+    assert ob._conn is not None
+    proxy = _CommitThenFail(ob._conn)
+    ob._conn = proxy  # type: ignore[assignment]
+    return proxy
+
+
+async def _recount(ob: Outbox) -> Counts:
+    return await ob._run(count_rows)
+
+
+@pytest.mark.parametrize("recount_fails", [False, True])
+async def test_a_commit_that_raises_after_it_is_durable_leaves_no_drift_drop_oldest(
+    tmp_path: Path, recount_fails: bool
+) -> None:
+    # Two delivered marks commit but raise: counts left as they were would say 2 pending of 2,
+    # and the next put (drop_oldest) would drop a real reading, the one just stored.
+    async with Outbox(tmp_path / "o.db", small(max_pending=2, when_full="drop_oldest")) as ob:
+        await ob.put(make_item(1))
+        await ob.put(make_item(2))
+        fault = _faulty(ob)
+        fault.armed, fault.fail_count = True, recount_fails
+        with pytest.raises(StorageError, match="fsync"):
+            await ob.mark_delivered([p.seq for p in await ob.pending(10)])
+        assert ob._counts_stale is recount_fails
+        assert await ob.pending(10) == []  # the marks are on the disk
+        assert await ob.put(make_item(3)) is PutResult.STORED
+        assert [p.reading_id for p in await ob.pending(10)] == ["r-000003"]  # nothing dropped
+        stats = await ob.stats()
+        assert (stats.pending, stats.delivered, stats.dropped) == (1, 2, 0)
+        assert ob._counts == await _recount(ob)
+
+
+async def test_a_commit_that_raises_after_it_is_durable_leaves_no_drift_reject_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway.outbox, "_PROBE_INTERVAL_S", 0.0)
+    # The same with reject_new: an inflated backlog would shut the gate with nothing pending.
+    async with Outbox(tmp_path / "o.db", small(max_pending=2, when_full="reject_new")) as ob:
+        await ob.put(make_item(1))
+        await ob.put(make_item(2))
+        assert (await ob.accepting() or "").startswith("outbox full")
+        _faulty(ob).armed = True
+        with pytest.raises(StorageError):
+            await ob.mark_delivered([p.seq for p in await ob.pending(10)])
+        assert await ob.accepting() is None  # the probe's write works; nothing is pending
+        assert await ob.put(make_item(3)) is PutResult.STORED
+        assert ob._counts == await _recount(ob)
+        # A put that commits and raises: the reading is stored, and counted.
+        _faulty(ob).armed = True
+        with pytest.raises(StorageError):
+            await ob.put(make_item(4))
+        assert ob._counts == await _recount(ob)
+        assert (await ob.stats()).pending == 2
+        assert await ob.put(make_item(4)) is PutResult.DUPLICATE
