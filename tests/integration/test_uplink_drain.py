@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway import uplink_drain
 from gateway.broker import LocalBroker
 from gateway.outbox import Outbox, Pending
 from gateway.uplink import Uplink
@@ -32,6 +33,38 @@ from tests.integration.test_uplink import (
 )
 
 pytestmark = pytest.mark.integration
+
+
+async def test_readings_waiting_for_their_mark_are_bounded_however_slow_the_outbox(
+    mosquitto: LocalBroker, outbox: Outbox, mqtt_subscriber: Subscribe,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A kill -9 sends again what was acknowledged but not yet marked: with marks that take
+    # 0.3 s each (a slow SD card), the drain must stop and mark rather than run ahead.
+    monkeypatch.setattr(uplink_drain, "MAX_UNMARKED", 40)
+    sub = await mqtt_subscriber(mosquitto, READINGS)
+    n = 400
+    for start in range(0, n, 100):
+        await asyncio.gather(*(outbox.put(make_item(i)) for i in range(start, start + 100)))
+    cfg = mqtt_cfg(mosquitto.host, mosquitto.port)
+    uplink = Uplink(cfg, HUB, outbox, status_provider)
+    mark = outbox.mark_delivered
+    marked = 0
+    waiting: list[int] = []  # acknowledged, not yet marked, at every mark
+
+    async def slow_mark(seqs: Sequence[int]) -> None:
+        nonlocal marked
+        waiting.append(uplink.counters.acked - marked)
+        await asyncio.sleep(0.3)
+        await mark(seqs)
+        marked += len(seqs)
+
+    monkeypatch.setattr(outbox, "mark_delivered", slow_mark)
+    async with running(uplink):
+        await sub.wait_for(n, timeout=30)
+        await eventually(lambda: marked == n, "all marked", timeout=30)
+    # Checked by mutation: without the bound the drain ran all 400 out during the first mark.
+    assert max(waiting) <= 40 + 2 * cfg.inflight, waiting
 
 
 async def test_a_backlog_is_fetched_ahead_and_marked_in_batches_never_before_its_puback(
