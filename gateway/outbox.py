@@ -899,7 +899,12 @@ class Outbox:
                 conn.execute(f"PRAGMA user_version = {version}")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLITE_FULL/IOERR may have rolled the transaction back already: a bare
+                # ROLLBACK would then raise "no transaction is active" in place of the error
+                # that says what is wrong (a full disk is OutboxFullError, the exit-73 path).
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
             log.info("outbox %s: schema migrated to version %d", self._path, version)
 
