@@ -111,7 +111,6 @@ class Uplink:
         status: Callable[[], dict[str, object]],
         *,
         client_id: str | None = None,
-        status_interval_s: float | None = None,
         event_queue_size: int = EVENT_QUEUE_SIZE,
     ) -> None:
         self._cfg = cfg
@@ -129,7 +128,6 @@ class Uplink:
         self._announcer = Announcer(
             hub_id, self.topic, status, self.broker_status,
             publish_timeout_s=cfg.publish_timeout_s, event_queue_size=event_queue_size,
-            interval_s=status_interval_s,
         )
         self._acks = AckBook(outbox)
         self._counts = DrainCounts()

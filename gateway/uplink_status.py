@@ -1,8 +1,8 @@
 """The hub's own messages on a connection: the retained status and the events queue.
 
 The status is published on connecting and whenever the owner asks (the agent's housekeeping,
-once a minute with the outbox figures it has just read, and after every session); a timer of
-its own (``interval_s``) is only for an uplink used without such an owner. Events are queued in
+once a minute with the outbox figures it has just read, and after every session); it has no
+timer of its own, which published the same status a second time. Events are queued in
 memory, bounded (the oldest is dropped, counted), and published best-effort at QoS 1; one not
 answered on a connection is kept for the next. On a clean stop "offline" is published with
 the same shape as the last will, since a clean DISCONNECT suppresses the will.
@@ -54,14 +54,12 @@ class Announcer:
         *,
         publish_timeout_s: float,
         event_queue_size: int,
-        interval_s: float | None = None,
     ) -> None:
         self._hub_id = hub_id
         self._topic = topic
         self._status = status
         self._broker = broker
         self._timeout_s = publish_timeout_s
-        self._interval_s = interval_s
         self._wanted = asyncio.Event()
         self.events: deque[bytes] = deque()
         self._queue_size = event_queue_size
@@ -120,11 +118,9 @@ class Announcer:
             log.warning("uplink: broker refused the status message (%s)", describe(rc))
 
     async def status_loop(self, link: MqttLink) -> None:
-        """Publish the status whenever asked (and every ``interval_s``, if set), until cancelled."""
+        """Publish the status whenever asked, until cancelled."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval_s):
-                    await self._wanted.wait()
+            await self._wanted.wait()
             self._wanted.clear()
             await self.publish_status(link)
 

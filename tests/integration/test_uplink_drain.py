@@ -17,7 +17,6 @@ from gateway.outbox import Outbox, Pending
 from gateway.uplink import Uplink
 from gateway.uplink_client import MqttLink, OnAck
 from gateway.uplink_drain import FETCH_ROWS
-from gateway.uplink_status import Announcer
 from tests.conftest import make_item
 from tests.integration.test_uplink import (
     HUB,
@@ -142,29 +141,17 @@ async def test_a_backlog_is_fetched_ahead_and_marked_in_batches_never_before_its
 
 
 async def test_the_status_is_published_on_connect_and_when_asked_not_on_a_timer_of_its_own(
-    mosquitto: LocalBroker, outbox: Outbox, mqtt_subscriber: Subscribe,
-    monkeypatch: pytest.MonkeyPatch,
+    mosquitto: LocalBroker, outbox: Outbox, mqtt_subscriber: Subscribe
 ) -> None:
     # The agent's housekeeping asks once a minute with fresh outbox figures (gateway/agent.py
     # builds Uplink(cfg, hub, outbox, status) and calls status_changed()): the uplink's own
     # 60 s timer published the same status a second time.
-    intervals: list[float | None] = []
-    init = Announcer.__init__
-
-    def spy_init(self: Announcer, *args: object, **kw: object) -> None:
-        intervals.append(kw.get("interval_s"))  # type: ignore[arg-type]
-        init(self, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Announcer, "__init__", spy_init)
     sub = await mqtt_subscriber(mosquitto, STATUS)
     uplink = Uplink(mqtt_cfg(mosquitto.host, mosquitto.port), HUB, outbox, status_provider)
-    # Built as the agent builds it, the uplink asks its status publisher for no timer at all
-    # (a default of 60 s would not fire below, but is seen here) ...
-    assert intervals == [None]
     async with running(uplink):
         await sub.wait_for(1)
-        # ... and in 1.5 s publishes nothing unasked: a timer of any interval up to 1.5 s
-        # would have published the status again.
+        # In 1.5 s nothing unasked: a timer of any interval up to 1.5 s would have published
+        # the status again (and the code has no timer to set to more).
         await asyncio.sleep(1.5)
         assert len(sub.messages) == 1
         for n in (2, 3):  # each request: one status, promptly
@@ -172,7 +159,4 @@ async def test_the_status_is_published_on_connect_and_when_asked_not_on_a_timer_
             await sub.wait_for(n, timeout=1)
         await asyncio.sleep(0.5)
         assert len(sub.messages) == 3
-    timed = Uplink(mqtt_cfg(mosquitto.host, mosquitto.port), HUB, outbox, status_provider,
-                   status_interval_s=0.1)
-    async with running(timed):  # an uplink without such an owner can still have a timer
-        await sub.wait_for(8)
+
