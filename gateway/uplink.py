@@ -366,10 +366,6 @@ class Uplink:
             await self.publish_event("reading_quarantined", {"seq": item.seq, "reason": reason})
             self.status_changed()
 
-    def _status_payload(self) -> bytes:
-        """The online status: the provider's report (gateway.status), `broker` and `state`."""
-        return self._announcer.status_payload()
-
     async def _goodbye(self, client: MqttLink) -> None:
         await self._announcer.goodbye(client)
         log.info("uplink to %s: shut down", self._where)

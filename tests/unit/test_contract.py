@@ -32,6 +32,7 @@ from gateway.outbox import OutboxStats
 from gateway.status import HubStatus
 from gateway.uplink import Uplink
 from gateway.uplink_errors import ConnectError
+from gateway.uplink_status import Announcer
 from tests.schemas import EVENT, READING, STATUS, errors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,10 +152,13 @@ def busy_status() -> HubStatus:
 
 
 def online(s: HubStatus, provider: Any = None) -> dict[str, Any]:
-    """The online status exactly as the uplink publishes it for the agent."""
+    """The online status exactly as the uplink's publisher builds it for the agent (with the
+    broker's part from an Uplink that never connected)."""
     uplink = Uplink(MqttConfig(host="127.0.0.1"), s.hub_id, outbox=None,  # type: ignore[arg-type]
                     status=provider or s.as_dict)
-    result: dict[str, Any] = json.loads(uplink._status_payload())
+    announcer = Announcer(s.hub_id, uplink.topic, provider or s.as_dict, uplink.broker_status,
+                          publish_timeout_s=1, event_queue_size=1)
+    result: dict[str, Any] = json.loads(announcer.status_payload())
     return result
 
 
